@@ -1,0 +1,8 @@
+"""cnnmnist: train, check and use a convolutional digit classifier from the command line."""
+
+import os
+
+__version__ = "0.1.0"
+
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA stubs) is not for our users; errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

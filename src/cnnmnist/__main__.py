@@ -1,0 +1,3 @@
+from cnnmnist.cli import main
+
+main()

@@ -1,0 +1,298 @@
+"""The command line: parse, call one library function, render.
+
+The only place where errors become exit codes.
+
+Nothing here imports TensorFlow at module level: `cnnmnist --help` must stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from cnnmnist import __version__
+from cnnmnist.errors import CnnmnistError, UsageError
+from cnnmnist.presets import DATASETS, OPTIMIZERS
+
+EXIT_INTERRUPTED = 130
+
+
+class Cli(click.Group):
+    """A group that turns the project's exceptions into messages and exit codes, not tracebacks."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            raise click.UsageError(str(e), ctx) from None
+        except CnnmnistError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+def _print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+dataset_option = click.option(
+    "--dataset", type=click.Choice(DATASETS), default=None, help="Dataset (default: mnist)."
+)
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory with the four IDX files (or mnist.npz). Default: $CNNMNIST_DATA_DIR, then the "
+    "user cache, downloading there if missing.",
+)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object on stdout."
+)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cnnmnist")
+def cli() -> None:
+    """Train, check and use a convolutional digit classifier."""
+
+
+@cli.command()
+@click.option(
+    "--preset", default=None, help="Named recipe (see `cnnmnist presets`). Default: seed."
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML run file (configs/*.toml); flags given here override it.",
+)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None)
+@click.option("--learning-rate", type=float, default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=int, default=None, help="Same seed, same machine: same result.")
+@click.option(
+    "--validation-size",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Images held out from the start of the training file (default 5000, as the chapter).",
+)
+@click.option(
+    "--train-size",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Train on only the first N images after the validation ones (default 0: all).",
+)
+@dataset_option
+@data_dir_option
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("ckpt"),
+    show_default=True,
+    help="Checkpoint directory to write.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint at --out.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
+)
+@click.option(
+    "--tensorboard",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write TensorBoard logs here.",
+)
+@json_option
+def train(
+    preset,
+    config,
+    optimizer,
+    learning_rate,
+    epochs,
+    batch_size,
+    seed,
+    validation_size,
+    train_size,
+    dataset,
+    data_dir,
+    out,
+    force,
+    device,
+    tensorboard,
+    as_json,
+) -> None:
+    """Train a preset and write a SavedModel checkpoint to --out."""
+    from cnnmnist import presets
+
+    recipe, options = presets.resolve(
+        preset,
+        presets.load_config(config) if config else None,
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        validation_size=validation_size,
+        train_size=train_size,
+        dataset=dataset,
+    )
+    from cnnmnist import train as training
+
+    result = training.run(
+        recipe,
+        dataset=options["dataset"],
+        data_dir=data_dir,
+        out=out,
+        force=force,
+        device=device,
+        tensorboard=tensorboard,
+    )
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        click.echo(
+            f"test accuracy {result.test_accuracy:.4f}  loss {result.test_loss:.4f}  "
+            f"({result.epochs} epochs, {result.seconds:.1f} s) -> {result.checkpoint}"
+        )
+
+
+@cli.command("presets")
+@click.argument("name", required=False)
+@json_option
+def presets_cmd(name, as_json) -> None:
+    """List the presets, or show one in full."""
+    from dataclasses import asdict
+
+    from cnnmnist import presets
+    from cnnmnist.console import out
+
+    chosen = [presets.get(name)] if name else presets.all_presets()
+    if as_json:
+        _print_json([asdict(p) for p in chosen])
+        return
+    if name:
+        from rich.table import Table
+
+        table = Table(title=f"preset {name}", show_header=False)
+        for key, value in asdict(chosen[0]).items():
+            table.add_row(key, str(value))
+        out().print(table)
+        return
+    from rich.table import Table
+
+    table = Table(title="presets")
+    for column in ("name", "description", "parameters", "epochs", "reference"):
+        table.add_column(column)
+    for p in chosen:
+        params = f"{p.optimizer} lr={p.learning_rate:g} batch={p.batch_size}"
+        ref = f"{p.reference_accuracy:.2%}" if p.reference_accuracy else "-"
+        default = " (default)" if p.name == presets.DEFAULT_PRESET else ""
+        table.add_row(p.name + default, p.description, params, str(p.epochs), ref)
+    out().print(table)
+
+
+@cli.command("data")
+@dataset_option
+@data_dir_option
+@json_option
+def data_cmd(dataset, data_dir, as_json) -> None:
+    """Show where a dataset is, its sizes, and whether every checksum matches."""
+    from cnnmnist import data
+    from cnnmnist.console import out
+
+    directory, checks = data.check(dataset or "mnist", data_dir)
+    bad = [c for c in checks if not c.ok]
+    if as_json:
+        _print_json(
+            {
+                "dataset": dataset or "mnist",
+                "directory": str(directory),
+                "ok": not bad,
+                "files": [
+                    {
+                        "file": str(c.path),
+                        "shape": c.shape,
+                        "md5": c.md5,
+                        "expected_md5": c.expected_md5,
+                        "ok": c.ok,
+                        "error": c.error,
+                    }
+                    for c in checks
+                ],
+            }
+        )
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"{dataset or 'mnist'} in {directory}")
+        for column in ("file", "shape", "md5 (decompressed)", "checksum"):
+            table.add_column(column)
+        for c in checks:
+            verdict = "[green]ok[/]" if c.ok else f"[red]{c.error}[/]"
+            shape = "x".join(map(str, c.shape)) if c.shape else "-"
+            table.add_row(c.path.name, shape, c.md5 or "-", verdict)
+        out().print(table)
+    if bad:
+        raise CnnmnistError(f"{len(bad)} of {len(checks)} files failed verification in {directory}")
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option(
+    "--split", type=click.Choice(["test", "validation", "train"]), default="test", show_default=True
+)
+@dataset_option
+@data_dir_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--errors",
+    "errors_png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a PNG of the most confident mistakes here.",
+)
+@json_option
+def evaluate(ckpt, split, dataset, data_dir, batch_size, errors_png, as_json) -> None:
+    """Accuracy (with 95% CI), loss, confusion matrix and per-class report of a checkpoint."""
+    from cnnmnist import evaluate as evaluation
+    from cnnmnist.console import err, evaluation_report, out
+
+    report = evaluation.evaluate(
+        ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
+    )
+    for warning in report.warnings:
+        err().print(f"[bold yellow]warning:[/] {warning}")
+    if errors_png:
+        shown = evaluation.write_errors(report, errors_png)
+        err().print(f"wrote the {shown} most confident mistakes to {errors_png}")
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        out().print(evaluation_report(report.to_json()))
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@json_option
+def inspect(ckpt, as_json) -> None:
+    """Show a checkpoint's metadata: preset, hyper-parameters, history, test metrics, versions."""
+    from cnnmnist import checkpoint
+    from cnnmnist.console import metadata_summary, out
+
+    meta = checkpoint.read(ckpt).metadata
+    if as_json:
+        _print_json(meta)
+    else:
+        out().print(metadata_summary(str(ckpt), meta))
+
+
+def main() -> None:  # pragma: no cover - `python -m cnnmnist`
+    cli(prog_name="cnnmnist")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The preset registry: named, frozen training recipes (stdlib only, no TensorFlow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnmnist.errors import UsageError
+
+OPTIMIZERS = ("adam", "adamw", "nadam", "adamax", "rmsprop", "sgd", "adagrad", "adadelta", "lion")
+DATASETS = ("mnist", "fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model and its training recipe; every field can be overridden by a run."""
+
+    name: str
+    description: str
+    model: str
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    epochs: int = 15
+    batch_size: int = 100
+    seed: int = 0
+    validation_size: int = 5000
+    train_size: int = 0  # 0: every image not held out for validation
+    reference_accuracy: float | None = None
+    reference: str = ""
+
+    def with_overrides(self, **changes: Any) -> Preset:
+        """Return a copy with the given fields replaced; None means 'not given'."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = sorted(set(changes) - set(TUNABLE))
+        if unknown:
+            raise UsageError(f"cannot override {', '.join(unknown)}; tunable: {', '.join(TUNABLE)}")
+        changes = {k: _typed(k, v, TUNABLE[k]) for k, v in changes.items()}
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        """Raise UsageError if a field holds a value no run can use."""
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(_unknown("optimizer", self.optimizer, OPTIMIZERS))
+        if not self.learning_rate > 0:
+            raise UsageError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.epochs < 1:
+            raise UsageError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0 <= self.validation_size < 60000:
+            raise UsageError(f"validation_size must be in 0..59999, got {self.validation_size}")
+        if self.train_size < 0:
+            raise UsageError(f"train_size must be 0 (all) or positive, got {self.train_size}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The fields that decide what a run does (for metadata and tables)."""
+        return {k: getattr(self, k) for k in ("model", *TUNABLE)}
+
+
+# Fields a config file or a CLI flag may set, with their types.
+TUNABLE: dict[str, type] = {
+    "optimizer": str,
+    "learning_rate": float,
+    "epochs": int,
+    "batch_size": int,
+    "seed": int,
+    "validation_size": int,
+    "train_size": int,
+}
+
+_REGISTRY: dict[str, Preset] = {}
+
+
+def register(preset: Preset) -> Preset:
+    """Add a preset to the registry (names are unique)."""
+    if preset.name in _REGISTRY:
+        raise ValueError(f"preset {preset.name!r} is already registered")
+    preset.validate()
+    _REGISTRY[preset.name] = preset
+    return preset
+
+
+def get(name: str) -> Preset:
+    """Look a preset up by name; an unknown name is a usage error with a suggestion."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(_unknown("preset", name, list(_REGISTRY))) from None
+
+
+def all_presets() -> list[Preset]:
+    """Every registered preset, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def _typed(key: str, value: Any, expected: type) -> Any:
+    """Check a value's type (an int is accepted for a float); bools are never numbers."""
+    if isinstance(value, bool) or not isinstance(
+        value, expected | (int if expected is float else expected)
+    ):
+        raise UsageError(f"{key} must be {expected.__name__}, got {value!r}")
+    return expected(value)
+
+
+def _unknown(kind: str, name: str, choices: Any) -> str:
+    message = f"unknown {kind} {name!r}"
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    return message + f" (choose from: {', '.join(choices)})"
+
+
+# Config files: a TOML table naming a preset and overriding its fields.
+CONFIG_KEYS = {"preset": str, "dataset": str, **TUNABLE}
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read a TOML run file; unknown keys and wrongly typed values are usage errors."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not valid TOML: {e}") from None
+    unknown = sorted(set(raw) - set(CONFIG_KEYS))
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS)}"
+        )
+    try:
+        raw = {k: _typed(k, v, CONFIG_KEYS[k]) for k, v in raw.items()}
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+    if "dataset" in raw and raw["dataset"] not in DATASETS:
+        raise UsageError(f"{path}: {_unknown('dataset', raw['dataset'], DATASETS)}")
+    return raw
+
+
+def resolve(
+    preset: str | None, config: dict[str, Any] | None, **flags: Any
+) -> tuple[Preset, dict[str, Any]]:
+    """Preset defaults < config file < command-line flags; returns the recipe and run options.
+
+    Flags that are None were not given and change nothing.
+    """
+    config = dict(config or {})
+    name = preset or config.pop("preset", None) or DEFAULT_PRESET
+    config.pop("preset", None)
+    options = {"dataset": flags.pop("dataset", None) or config.pop("dataset", None) or "mnist"}
+    recipe = get(name).with_overrides(**config).with_overrides(**flags)
+    return recipe, options
+
+
+# The reference chapter (see DESIGN.md). Accuracies are the book's test accuracies.
+DEFAULT_PRESET = "seed"
+
+register(
+    Preset(
+        name="seed",
+        description="Chapter 7.2 CNN: two conv blocks, dense 256, N(0,0.01) weights, no biases",
+        model="seed",
+        optimizer="adam",
+        learning_rate=1e-3,
+        epochs=15,
+        batch_size=100,
+        reference_accuracy=0.9926,
+        reference="chapter 7.2, Adam(1e-3), 15 epochs (RMSProp: 0.9896)",
+    )
+)
+register(
+    Preset(
+        name="seed-layers",
+        description="Chapter 7.3 tf.layers rewrite: dropout 0.7, VALID 2nd conv, Glorot + biases",
+        model="seed-layers",
+        reference_accuracy=0.9911,
+        reference="chapter 7.3, Adam(1e-3), 15 epochs",
+    )
+)
+register(
+    Preset(
+        name="mlp",
+        description="Chapter 6 dense baseline: 784-256-256-10 ReLU, Glorot + biases",
+        model="mlp",
+        reference_accuracy=0.981,
+        reference="chapter 6 dense network",
+    )
+)

@@ -1,0 +1,164 @@
+"""Training on the real MNIST and the checkpoint it writes."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cnnmnist import checkpoint, presets, train
+from cnnmnist.cli import cli
+
+
+def test_one_epoch_of_the_reference_recipe_reaches_96_percent(trained):
+    # Measured here: about 96.6% after one epoch with the chapter's N(0, 0.01) no-bias init.
+    assert trained.test_accuracy >= 0.96
+    assert len(trained.history) == 1
+    row = trained.history[0]
+    assert row["epoch"] == 1 and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(row)
+    assert row["val_accuracy"] > 0.95
+
+
+def test_saved_model_signature_agrees_with_the_in_memory_model(trained, mnist):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(trained.checkpoint))
+    fn = loaded.signatures["serving_default"]
+    pixels = mnist.test_images.reshape(-1, 28, 28, 1).astype(np.float32)  # raw 0..255
+    probs = np.concatenate(
+        [
+            fn(pixels=tf.constant(pixels[i : i + 2000]))["probabilities"].numpy()
+            for i in range(0, 10000, 2000)
+        ]
+    )
+    assert probs.shape == (10000, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    logits = trained.model.predict(pixels, batch_size=2000, verbose=0)
+    assert np.array_equal(probs.argmax(axis=1), logits.argmax(axis=1))
+    accuracy = (probs.argmax(axis=1) == mnist.test_labels).mean()
+    assert accuracy == pytest.approx(trained.test_accuracy, abs=1e-6)
+
+
+def test_checkpoint_describes_itself(trained):
+    ckpt = checkpoint.read(trained.checkpoint)
+    meta = ckpt.metadata
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION
+    assert meta["preset"] == "seed"
+    assert meta["hyperparameters"]["optimizer"] == "adam" and meta["hyperparameters"]["epochs"] == 1
+    assert meta["dataset"]["name"] == "mnist"
+    assert meta["dataset"]["train_size"] == 55000 and meta["dataset"]["validation_size"] == 5000
+    assert (
+        meta["dataset"]["checksums"]["t10k-images-idx3-ubyte"] == "2646ac647ad5339dbf082846283269ea"
+    )
+    assert meta["test"]["accuracy"] == pytest.approx(trained.test_accuracy)
+    assert {"tensorflow", "keras", "cnnmnist", "python"} <= set(meta["versions"])
+    assert meta["history"] == trained.history
+    for name in checkpoint.REQUIRED:
+        assert (trained.checkpoint / name).is_file()
+
+
+def test_keras_model_with_optimizer_state_reloads(trained):
+    import keras
+
+    model = keras.saving.load_model(trained.checkpoint / checkpoint.KERAS_MODEL)
+    assert int(model.optimizer.iterations.numpy()) == 550  # 55,000 images / batch 100
+    for a, b in zip(model.get_weights(), trained.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def small(**changes):
+    """The seed recipe on 5,000 training images: a few seconds."""
+    return presets.get("seed").with_overrides(epochs=1, train_size=5000, **changes)
+
+
+def test_same_seed_same_result(tmp_path, mnist_dir):
+    a = train.run(small(seed=3), data_dir=mnist_dir, out=tmp_path / "a")
+    b = train.run(small(seed=3), data_dir=mnist_dir, out=tmp_path / "b")
+    c = train.run(small(seed=4), data_dir=mnist_dir, out=tmp_path / "c")
+    assert a.test_accuracy == b.test_accuracy
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    assert not all(
+        np.array_equal(wa, wc)
+        for wa, wc in zip(a.model.get_weights(), c.model.get_weights(), strict=True)
+    )
+
+
+def test_cli_train_json_and_overwrite_refusal(tmp_path, mnist_dir):
+    out = tmp_path / "ckpt"
+    args = [
+        "train",
+        "--epochs",
+        "1",
+        "--train-size",
+        "5000",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
+        "--json",
+        "--seed",
+        "1",
+    ]
+    runner = CliRunner()
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    assert {
+        "checkpoint",
+        "preset",
+        "epochs",
+        "test_accuracy",
+        "test_loss",
+        "history",
+        "seconds",
+    } <= set(report)
+    assert report["checkpoint"] == str(out) and report["epochs"] == 1
+    assert 0.5 < report["test_accuracy"] <= 1.0  # 5,000 images, one epoch: about 80% here
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    again = runner.invoke(cli, args)
+    assert again.exit_code == 1
+    assert "already exists" in again.output and "--force" in again.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    forced = runner.invoke(cli, [*args[:-2], "--seed", "2", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert checkpoint.read(out).metadata["seed"] == 2
+    assert not list(tmp_path.glob(".ckpt.*"))  # no temporaries left beside it
+
+
+def test_plain_progress_is_one_line_per_epoch(tmp_path, mnist_dir):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--epochs",
+            "2",
+            "--train-size",
+            "3000",
+            "--validation-size",
+            "1000",
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    assert "val acc" in lines[0] and "cost" in lines[0]
+    assert "test accuracy" in result.stdout
+
+
+def test_gpu_device_without_a_gpu_fails_clearly(tmp_path, mnist_dir):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    result = CliRunner().invoke(
+        cli,
+        ["train", "--device", "gpu", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "g")],
+    )
+    assert result.exit_code == 1 and "no GPU" in result.output
