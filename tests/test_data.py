@@ -1,5 +1,6 @@
 """IDX/npz parsing, validation, checksums and the offline error, on small synthetic files."""
 
+import dataclasses
 import gzip
 import shutil
 import struct
@@ -150,16 +151,29 @@ def test_corrupt_gzip_is_a_data_error(tmp_path):
         data.load("mnist", tmp_path, allow_download=False)
 
 
-def test_search_order_env_then_cache(tmp_path, monkeypatch):
+def test_search_order_flag_env_system_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNMNIST_DATA_DIR", str(tmp_path / "env"))
-    assert data.candidate_dirs("mnist", None) == [tmp_path / "env"]
-    assert data.candidate_dirs("mnist", tmp_path / "flag") == [tmp_path / "flag"]
-    monkeypatch.delenv("CNNMNIST_DATA_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert data.candidate_dirs("mnist", None) == [tmp_path / "xdg" / "cnnmnist" / "mnist"]
-    assert data.candidate_dirs("fashion-mnist", None)[0] == data.Path(
-        data.SPECS["fashion-mnist"].system_dirs[0]
-    )
+    cache = tmp_path / "xdg" / "cnnmnist" / "mnist"
+    assert data.candidate_dirs("mnist", tmp_path / "flag") == [
+        tmp_path / "flag",
+        tmp_path / "env",
+        cache,
+    ]
+    assert data.download_dir("mnist", None) == tmp_path / "env"
+    monkeypatch.delenv("CNNMNIST_DATA_DIR")
+    assert data.candidate_dirs("mnist", None) == [cache]
+    assert data.download_dir("mnist", None) == cache
+    fashion = data.candidate_dirs("fashion-mnist", None)
+    assert fashion[0] == data.Path(data.SPECS["fashion-mnist"].system_dirs[0])
+
+
+def test_a_directory_holding_another_dataset_is_passed_over(tmp_path, monkeypatch, mnist_dir):
+    monkeypatch.setenv("CNNMNIST_DATA_DIR", str(mnist_dir))  # MNIST, while fashion is asked for
+    no_system = dataclasses.replace(data.SPECS["fashion-mnist"], system_dirs=())
+    monkeypatch.setitem(data.SPECS, "fashion-mnist", no_system)
+    assert data.locate("fashion-mnist") is None
+    assert data.locate("mnist")[0] == mnist_dir
 
 
 def test_offline_and_missing_exits_1_naming_files_and_directory(tmp_path, monkeypatch):
@@ -195,5 +209,8 @@ def test_fashion_mnist_from_the_debian_package_if_installed():
     directory = data.SPECS["fashion-mnist"].system_dirs[0]
     if not (data.Path(directory) / "t10k-labels-idx1-ubyte.gz").exists():
         pytest.skip("dataset-fashion-mnist is not installed (optional)")
-    ds = data.load("fashion-mnist", allow_download=False)
+    ds = data.load(
+        "fashion-mnist", allow_download=False
+    )  # found although $CNNMNIST_DATA_DIR is MNIST
+    assert ds.source == data.Path(directory)
     assert ds.test_images.shape == (10000, 28, 28)

@@ -156,11 +156,14 @@ def cache_dir(name: str) -> Path:
 
 
 def candidate_dirs(name: str, data_dir: Path | None) -> list[Path]:
-    """Where to look, in order: --data-dir or CNNMNIST_DATA_DIR if given, else system and cache."""
-    explicit = data_dir or os.environ.get("CNNMNIST_DATA_DIR")
-    if explicit:
-        return [Path(explicit)]
-    return [Path(d) for d in spec(name).system_dirs] + [cache_dir(name)]
+    """Where to look, in order: --data-dir, CNNMNIST_DATA_DIR, system directories, the cache."""
+    explicit = [Path(d) for d in (data_dir, os.environ.get("CNNMNIST_DATA_DIR")) if d]
+    return explicit + [Path(d) for d in spec(name).system_dirs] + [cache_dir(name)]
+
+
+def download_dir(name: str, data_dir: Path | None) -> Path:
+    """Where a missing dataset is downloaded to: the directory the user named, else the cache."""
+    return candidate_dirs(name, data_dir)[0]
 
 
 def _files_in(directory: Path, stem: str) -> Path | None:
@@ -187,12 +190,28 @@ def _sources(directory: Path, name: str) -> dict[str, Path] | Path | None:
 
 
 def locate(name: str, data_dir: Path | None = None) -> tuple[Path, dict[str, Path] | Path] | None:
-    """The first directory that holds the dataset, with its files; None if none does."""
+    """The first directory that holds the dataset, with its files; None if none does.
+
+    A directory that holds another known dataset (CNNMNIST_DATA_DIR pointing at MNIST while
+    Fashion-MNIST is asked for) is passed over, not reported as a checksum mismatch.
+    """
     for directory in candidate_dirs(name, data_dir):
         found = _sources(directory, name)
-        if found is not None:
+        if found is not None and _identify(found) in (None, name):
             return directory, found
     return None
+
+
+def _identify(found: dict[str, Path] | Path) -> str | None:
+    """Which known dataset a set of IDX files is, judged by its small test-label file."""
+    if not isinstance(found, dict):
+        return None  # an npz is named after its dataset
+    try:
+        _, md5 = read_idx(found["test_labels"], 1)
+    except DataError:
+        return None  # let the full verification report it
+    stem = STEMS["test_labels"]
+    return next((n for n, s in SPECS.items() if s.md5[stem] == md5), None)
 
 
 def download(name: str, target: Path) -> dict[str, Path]:
@@ -355,7 +374,7 @@ def load(name: str = "mnist", data_dir: Path | None = None, allow_download: bool
     dataset = spec(name)
     found = locate(name, data_dir)
     if found is None:
-        target = candidate_dirs(name, data_dir)[-1]
+        target = download_dir(name, data_dir)
         if not allow_download:
             raise DataError(_missing_message(name, data_dir))
         found = (target, download(name, target))
