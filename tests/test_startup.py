@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["", "train", "evaluate", "inspect", "data", "presets"]
+COMMANDS = ["", "train", "evaluate", "inspect", "predict", "data", "presets"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

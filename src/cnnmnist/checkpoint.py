@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 METADATA = "cnnmnist.json"
 KERAS_MODEL = "model.keras"
+TFLITE = "model.tflite"  # optional fast copy for `predict`; the SavedModel is the authority
+TFLITE_TOLERANCE = 1e-4  # largest probability difference accepted from the fast copy
 SIGNATURE = "serving_default"
 REQUIRED = ("saved_model.pb", "variables/variables.index", KERAS_MODEL, METADATA)
 
@@ -40,6 +42,43 @@ def export_saved_model(model: keras.Model, path: Path) -> None:
         input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, name="pixels")],
     )
     archive.write_out(str(path), verbose=False)
+
+
+def write_tflite(saved_model: Path, check_images=None) -> dict[str, Any]:
+    """Convert the SavedModel to TFLite beside it, kept only if it predicts like the SavedModel.
+
+    Returns what was done, for the metadata.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    try:
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), [SIGNATURE])
+        (saved_model / TFLITE).write_bytes(converter.convert())
+    except Exception as e:  # noqa: BLE001 - any converter failure only costs the fast path
+        return {"file": None, "reason": f"conversion failed: {type(e).__name__}: {e}"[:300]}
+    if check_images is None or len(check_images) == 0:
+        return {"file": TFLITE, "checked_on": 0}
+    pixels = np.asarray(check_images, np.float32).reshape(-1, 28, 28, 1)
+    reference = Checkpoint(saved_model, {}).predict(pixels)
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter  # noqa: N806 - same API, deprecated in TF
+    runner = Interpreter(model_path=str(saved_model / TFLITE), num_threads=os.cpu_count())
+    fast = runner.get_signature_runner(SIGNATURE)(pixels=pixels)["probabilities"]
+    agreement = float((fast.argmax(axis=1) == reference.argmax(axis=1)).mean())
+    difference = float(np.abs(fast - reference).max())
+    report = {
+        "file": TFLITE,
+        "checked_on": len(pixels),
+        "argmax_agreement": agreement,
+        "max_abs_diff": difference,
+    }
+    if agreement < 1.0 or difference > TFLITE_TOLERANCE:
+        (saved_model / TFLITE).unlink()
+        report.update(file=None, reason="the TFLite copy disagreed with the SavedModel")
+    return report
 
 
 def _temporaries(out: Path, kind: str) -> list[Path]:
@@ -69,8 +108,18 @@ def recover(out: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def write(model: keras.Model, out: Path, metadata: dict[str, Any], *, overwrite: bool) -> Path:
-    """Write a complete checkpoint beside `out`, then swap it in by rename."""
+def write(
+    model: keras.Model,
+    out: Path,
+    metadata: dict[str, Any],
+    *,
+    overwrite: bool,
+    check_images=None,
+) -> Path:
+    """Write a complete checkpoint beside `out`, then swap it in by rename.
+
+    check_images: raw test pixels on which the fast TFLite copy must match the SavedModel.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover(out)
@@ -82,8 +131,9 @@ def write(model: keras.Model, out: Path, metadata: dict[str, Any], *, overwrite:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
     try:
         export_saved_model(model, tmp)
+        fast_path = write_tflite(tmp, check_images)
         model.save(tmp / KERAS_MODEL)
-        meta = {"format_version": FORMAT_VERSION, **metadata}
+        meta = {"format_version": FORMAT_VERSION, **metadata, "fast_path": fast_path}
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
         _fsync_tree(tmp)
         if out.exists():

@@ -290,6 +290,39 @@ def inspect(ckpt, as_json) -> None:
         out().print(metadata_summary(str(ckpt), meta))
 
 
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    default=Path("ckpt"),
+    show_default=True,
+    help="Checkpoint directory.",
+)
+@click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--show", is_flag=True, help="Also draw the 28x28 picture the model saw.")
+@json_option
+def predict(inputs, model_dir, top_k, show, as_json) -> None:
+    """The digit in each image (files, directories, or - for stdin), with probabilities.
+
+    Images are made to look like MNIST first: grey, light paper inverted, cropped to the
+    ink, scaled to 20 px, centred by mass in 28x28.
+    """
+    from cnnmnist import predict as prediction
+    from cnnmnist.console import out, prediction_table
+
+    stdin = click.get_binary_stream("stdin").read() if prediction.STDIN in inputs else None
+    results = prediction.predict(list(inputs), model_dir, top_k=top_k, stdin=stdin)
+    if as_json:
+        _print_json([{k: v for k, v in r.items() if k != "pixels"} for r in results])
+    else:
+        out().print(prediction_table(results, show=show))
+    failed = [r for r in results if r["error"]]
+    if failed:
+        raise CnnmnistError(f"{len(failed)} of {len(results)} inputs could not be predicted")
+
+
 def main() -> None:  # pragma: no cover - `python -m cnnmnist`
     cli(prog_name="cnnmnist")
 

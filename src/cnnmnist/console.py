@@ -202,3 +202,46 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return "-" if value is None else str(value)
+
+
+RAMP = " .:-=+*#%@"
+
+
+def ascii_digit(pixels) -> str:
+    """The 28x28 picture the model saw, as text (two characters per pixel, darkest = no ink)."""
+    return "\n".join(
+        "".join(RAMP[min(len(RAMP) - 1, int(v) * len(RAMP) // 256)] * 2 for v in row)
+        for row in pixels
+    )
+
+
+def prediction_table(results: list[dict[str, Any]], show: bool = False):
+    """Rich renderables for `predict` results (file, digit, confidence, next candidates, notes)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"predictions ({results[0]['engine'] if results else '-'})")
+    for column, justify in (
+        ("file", "left"),
+        ("digit", "right"),
+        ("confidence", "right"),
+        ("next candidates", "left"),
+        ("notes", "left"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")
+    pictures = []
+    for r in results:
+        if r["error"]:
+            table.add_row(r["file"], "-", "-", "", Text(f"error: {r['error']}", style="red"))
+            continue
+        digit = "-" if r["digit"] is None else str(r["digit"])
+        confidence = "-" if r["confidence"] is None else f"{r['confidence']:.1%}"
+        others = ", ".join(f"{t['digit']} {t['probability']:.1%}" for t in r["top"][1:])
+        table.add_row(
+            r["file"], digit, confidence, others, Text("; ".join(r["warnings"]), style="yellow")
+        )
+        if show and r.get("pixels") is not None:
+            pictures.append(Text(f"{r['file']}: the 28x28 input the model saw\n", style="bold"))
+            pictures.append(Text(ascii_digit(r["pixels"]) + "\n"))
+    return Group(table, *pictures)

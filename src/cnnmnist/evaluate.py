@@ -185,7 +185,7 @@ def write_errors(report: Report, path: Path, count: int = 36) -> int:
         digit = Image.fromarray(255 - report.images[i]).resize((side, side), Image.NEAREST)
         sheet.paste(digit, (x, y))
         p = report.probabilities[i]
-        caption = f"{report.labels[i]}->{p.argmax()} {p.max():.0%}"
+        caption = f"{report.labels[i]} as {p.argmax()}  {p.max():.0%}"
         draw.text((x + 4, y + side + 2), caption, fill=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, format="PNG")

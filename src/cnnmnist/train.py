@@ -235,7 +235,7 @@ def run(
             "output": "probabilities: float32 [N, 10]",
         },
     }
-    checkpoint.write(net, out, metadata, overwrite=force)
+    checkpoint.write(net, out, metadata, overwrite=force, check_images=ds.test_images)
     return TrainResult(
         checkpoint=out,
         preset=recipe.name,

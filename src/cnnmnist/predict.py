@@ -1,0 +1,269 @@
+"""Image files -> MNIST-style 28x28 pixels -> predictions (no TensorFlow on the fast path)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnmnist import checkpoint
+from cnnmnist.errors import CnnmnistError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+MAX_PIXELS = 50_000_000  # refuse decompression bombs before decoding (a 7000 x 7000 photo is fine)
+INK_FLOOR = 0.02  # ink below this (after background removal) is noise, not stroke
+MIN_CONTRAST = 0.1  # less contrast than this between paper and darkest stroke: no ink
+BOX = 20  # MNIST digits fit a 20 x 20 box ...
+CENTRE = 14.0  # ... placed with their centre of mass at pixel (14, 14) of 28 x 28 (measured)
+LOW_CONFIDENCE = 0.5
+STDIN = "-"
+
+
+class ImageError(CnnmnistError):
+    """An input that cannot be read, decoded or turned into a digit."""
+
+
+@dataclass
+class Prepared:
+    """One input after preprocessing: the 28x28 pixels the model sees, or why there are none."""
+
+    source: str
+    pixels: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files stay, directories become their image files (sorted), '-' means stdin."""
+    out: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if item != STDIN and path.is_dir():
+            out.extend(
+                str(p)
+                for p in sorted(path.iterdir())
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        else:
+            out.append(item)
+    return out
+
+
+def decode(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Decode image bytes: grey in [0, 1], alpha in [0, 1] (or None), and notes."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not blob:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    notes = []
+    try:
+        image = Image.open(io.BytesIO(blob))
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise ImageError(
+                f"{name}: declares {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed; "
+                "refusing to decode it (a decompression bomb?)"
+            )
+        if getattr(image, "n_frames", 1) > 1:
+            notes.append(f"animated image with {image.n_frames} frames: used the first")
+            image.seek(0)
+        image.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: refusing to decode it (a decompression bomb?): {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: cannot decode image: {e}") from None
+    return *_grey_and_alpha(image), notes
+
+
+def _grey_and_alpha(image) -> tuple[np.ndarray, np.ndarray | None]:
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":  # 16/32-bit grey or float
+        grey = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or grey.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            top = max(1.0, float(grey.max(initial=0)))
+        return np.clip(grey / top, 0, 1), None
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64) / 255
+        grey = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
+        return grey, rgba[..., 3]
+    return np.asarray(image.convert("L"), dtype=np.float64) / 255, None
+
+
+def _border(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+
+
+def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
+    """Ink in [0, 1] (1 = stroke), whatever the polarity: light paper is inverted, the paper's
+    own level is subtracted, and transparent pixels count as background."""
+    grey = np.asarray(grey, dtype=np.float64)
+    if alpha is not None and (alpha < 0.5).any():
+        opaque = alpha >= 0.5
+        dark_strokes = opaque.any() and grey[opaque].mean() < 0.5
+        ink = (1 - grey if dark_strokes else grey) * alpha
+    else:
+        ink = 1 - grey if np.median(_border(grey)) > 0.5 else grey
+    border = _border(ink)
+    paper = np.median(border)
+    contrast = ink.max(initial=0) - paper
+    if contrast < MIN_CONTRAST:
+        return np.zeros_like(ink)
+    ink = np.clip((ink - paper) / contrast, 0, 1)
+    # Paper grain and sensor noise: anything within 5 sigma of the paper level is not ink,
+    # and isolated specks must not stretch the digit's box. Clean images skip both.
+    sigma = 1.4826 * np.median(np.abs(border - paper)) / contrast
+    if sigma == 0:
+        return ink
+    return _despeckle(np.where(ink > max(5 * sigma, INK_FLOOR), ink, 0.0))
+
+
+def _despeckle(ink: np.ndarray) -> np.ndarray:
+    """A 3x3 median: isolated specks (dust, JPEG noise) must not stretch the digit's box."""
+    from PIL import Image, ImageFilter
+
+    if min(ink.shape) < 3:
+        return ink
+    image = Image.fromarray(ink.astype(np.float32), mode="F")
+    return np.asarray(image.filter(ImageFilter.MedianFilter(3)))
+
+
+def to_mnist(ink: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """MNIST's own normalisation: crop to the ink, fit the longer side to 20 px (area-averaged),
+    centre the centre of mass in 28 x 28. Returns uint8 pixels and warnings."""
+    from PIL import Image
+
+    ink = np.asarray(ink, dtype=np.float64)
+    if ink.ndim != 2 or ink.size == 0 or not np.isfinite(ink).all():
+        raise ImageError(f"expected a finite 2-D ink map, got shape {ink.shape}")
+    mask = ink > INK_FLOOR
+    if not mask.any():
+        return np.zeros((28, 28), np.uint8), ["no ink found: the image looks blank"]
+    warnings = []
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    if top == 0 or left == 0 or bottom == ink.shape[0] or right == ink.shape[1]:
+        warnings.append("ink touches the image border: the digit may be cut off")
+    crop = np.where(mask, ink, 0.0)[top:bottom, left:right].astype(np.float32)
+    h, w = crop.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != (w, h):
+        resample = Image.BOX if scale < 1 else Image.BILINEAR  # area-average when shrinking
+        crop = np.asarray(Image.fromarray(crop, mode="F").resize(size, resample=resample))
+    h, w = crop.shape
+    canvas = np.zeros((28, 28), np.float64)
+    y0, x0 = (28 - h) // 2, (28 - w) // 2
+    canvas[y0 : y0 + h, x0 : x0 + w] = crop
+    mass = canvas.sum()
+    ys, xs = np.mgrid[:28, :28]
+    dy = round(CENTRE - (canvas * ys).sum() / mass)
+    dx = round(CENTRE - (canvas * xs).sum() / mass)
+    dy = min(max(dy, -y0), 28 - h - y0)  # never push ink off the canvas
+    dx = min(max(dx, -x0), 28 - w - x0)
+    out = np.zeros((28, 28), np.float64)
+    out[y0 + dy : y0 + dy + h, x0 + dx : x0 + dx + w] = crop
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8), warnings
+
+
+def prepare(source: str, blob: bytes | None = None) -> Prepared:
+    """Read, decode and normalise one input; failures are recorded, never raised."""
+    try:
+        if blob is None:
+            try:
+                blob = Path(source).read_bytes()
+            except OSError as e:
+                raise ImageError(f"{source}: cannot read: {e.strerror or e}") from None
+        grey, alpha, notes = decode(blob, source)
+        pixels, warnings = to_mnist(ink_map(grey, alpha))
+        return Prepared(source, pixels, notes + warnings)
+    except ImageError as e:
+        return Prepared(source, error=str(e))
+
+
+class Model:
+    """A checkpoint's classifier: the TFLite copy when present (fast start), else the SavedModel."""
+
+    def __init__(self, path: Path) -> None:
+        self.checkpoint = checkpoint.read(path)
+        self._runner = self._tflite()
+        self.engine = "tflite" if self._runner else "savedmodel"
+
+    def _tflite(self):
+        fast = self.checkpoint.path / checkpoint.TFLITE
+        if not fast.is_file():
+            return None
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            return None
+        try:
+            return Interpreter(model_path=str(fast)).get_signature_runner(checkpoint.SIGNATURE)
+        except (ValueError, RuntimeError):
+            return None  # a damaged fast copy: the SavedModel is the authority
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities [N, 10] for uint8/float pixels [N, 28, 28]."""
+        batch = np.asarray(pixels, dtype=np.float32).reshape(-1, 28, 28, 1)
+        if self._runner is None:
+            return self.checkpoint.predict(batch)
+        return self._runner(pixels=batch)["probabilities"]
+
+
+def predict(
+    inputs: list[str], model_dir: Path, top_k: int = 3, stdin: bytes | None = None
+) -> list[dict[str, Any]]:
+    """Predict every input in one batched model call; one result per input, in input order."""
+    prepared = [
+        prepare(source, stdin if source == STDIN else None) for source in expand_inputs(inputs)
+    ]
+    ready = [p for p in prepared if p.pixels is not None and not _blank(p)]
+    model = Model(model_dir)
+    probs = model.probabilities(np.stack([p.pixels for p in ready])) if ready else np.zeros((0, 10))
+    by_id = {id(p): row for p, row in zip(ready, probs, strict=True)}
+    results = []
+    for p in prepared:
+        row = by_id.get(id(p))
+        result: dict[str, Any] = {
+            "file": "<stdin>" if p.source == STDIN else p.source,
+            "digit": None,
+            "confidence": None,
+            "probabilities": None,
+            "top": [],
+            "warnings": list(p.warnings),
+            "error": p.error,
+            "engine": model.engine,
+        }
+        if row is not None:
+            order = np.argsort(-row, kind="stable")
+            result.update(
+                digit=int(order[0]),
+                confidence=float(row[order[0]]),
+                probabilities=[float(v) for v in row],
+                top=[{"digit": int(k), "probability": float(row[k])} for k in order[:top_k]],
+            )
+            if row[order[0]] < LOW_CONFIDENCE:
+                result["warnings"].append(f"low confidence ({row[order[0]]:.0%})")
+        results.append(result)
+        result["pixels"] = p.pixels
+    return results
+
+
+def _blank(p: Prepared) -> bool:
+    return not p.pixels.any()
+
+
+def mean_abs_change(images: np.ndarray) -> float:
+    """How far preprocessing moves MNIST digits (0 = identity), in grey levels per pixel."""
+    out = [to_mnist(ink_map(img / 255.0))[0] for img in images]
+    return float(np.abs(np.stack(out).astype(float) - images.astype(float)).mean())

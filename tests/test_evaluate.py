@@ -1,0 +1,200 @@
+"""`evaluate` and `inspect`: the report agrees with the SavedModel's own outputs; bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cnnmnist import checkpoint, evaluate
+from cnnmnist.cli import cli
+
+
+@pytest.fixture(scope="module")
+def report(trained, mnist_dir, tmp_path_factory):
+    png = tmp_path_factory.mktemp("errors") / "mistakes.png"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(trained.checkpoint),
+            "--data-dir",
+            str(mnist_dir),
+            "--json",
+            "--errors",
+            str(png),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), png
+
+
+def test_accuracy_matches_an_independent_computation(report, trained, mnist):
+    import tensorflow as tf
+
+    rep, _ = report
+    fn = tf.saved_model.load(str(trained.checkpoint)).signatures["serving_default"]
+    pixels = tf.constant(mnist.test_images.reshape(-1, 28, 28, 1).astype(np.float32))
+    probs = fn(pixels=pixels)["probabilities"].numpy()
+    predicted = probs.argmax(axis=1)
+    assert rep["n"] == 10000 and rep["split"] == "test" and rep["dataset"] == "mnist"
+    assert rep["accuracy"] == pytest.approx(
+        float((predicted == mnist.test_labels).mean()), abs=1e-12
+    )
+    expected_loss = -np.log(np.clip(probs[np.arange(10000), mnist.test_labels], 1e-12, 1)).mean()
+    assert rep["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert rep["accuracy"] == pytest.approx(trained.test_accuracy, abs=1e-6)  # what train reported
+
+
+def test_confusion_matrix_and_per_class_agree(report, mnist):
+    rep, _ = report
+    matrix = np.array(rep["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == rep["n"]
+    assert np.trace(matrix) / rep["n"] == pytest.approx(rep["accuracy"])
+    assert list(matrix.sum(axis=1)) == list(np.bincount(mnist.test_labels, minlength=10))
+    for row in rep["per_class"]:
+        k = row["label"]
+        assert row["support"] == matrix[k].sum()
+        assert row["precision"] == pytest.approx(matrix[k, k] / matrix[:, k].sum())
+        assert row["recall"] == pytest.approx(matrix[k, k] / matrix[k].sum())
+        p, r = row["precision"], row["recall"]
+        assert row["f1"] == pytest.approx(2 * p * r / (p + r))
+    top = rep["most_confused"][0]
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    assert top["count"] == off.max() and matrix[top["true"], top["predicted"]] == off.max()
+
+
+def test_confidence_interval_contains_the_accuracy(report):
+    rep, _ = report
+    low, high = rep["accuracy_ci95"]
+    assert 0 < low < rep["accuracy"] < high < 1
+    assert high - low < 0.01  # n = 10,000 at ~97%: about +/- 0.35 points
+
+
+def test_wilson_against_known_values():
+    # Wilson 95% interval for 81/263 (Wikipedia's worked example style): computed by hand.
+    low, high = evaluate.wilson(81, 263)
+    assert low == pytest.approx(0.2553, abs=1e-4) and high == pytest.approx(0.3662, abs=1e-4)
+    assert evaluate.wilson(0, 10)[0] == pytest.approx(0.0) and evaluate.wilson(10, 10)[
+        1
+    ] == pytest.approx(1.0)
+
+
+def test_errors_png_is_a_valid_picture_of_the_expected_size(report):
+    rep, png = report
+    mistakes = rep["n"] - int(round(rep["accuracy"] * rep["n"]))
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        assert image.size == evaluate.error_grid_size(min(36, mistakes))
+
+
+def test_terminal_report(trained, mnist_dir):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(trained.checkpoint),
+            "--data-dir",
+            str(mnist_dir),
+            "--split",
+            "validation",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for text in (
+        "accuracy",
+        "95% CI",
+        "confusion matrix",
+        "per class",
+        "most confused",
+        "validation",
+    ):
+        assert text in result.stdout
+
+
+def test_other_dataset_is_allowed_with_a_warning(trained):
+    from cnnmnist import data
+
+    fashion = data.SPECS["fashion-mnist"].system_dirs[0]
+    if not (data.Path(fashion) / "t10k-labels-idx1-ubyte.gz").exists():
+        pytest.skip("dataset-fashion-mnist is not installed (optional)")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(trained.checkpoint),
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            fashion,
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "trained on mnist" in result.stderr
+    assert json.loads(result.stdout)["dataset"] == "fashion-mnist"
+
+
+def test_inspect_summary_and_json(trained):
+    runner = CliRunner()
+    summary = runner.invoke(cli, ["inspect", str(trained.checkpoint)])
+    assert summary.exit_code == 0
+    assert (
+        "seed" in summary.stdout and "history" in summary.stdout and "tensorflow" in summary.stdout
+    )
+    raw = runner.invoke(cli, ["inspect", str(trained.checkpoint), "--json"])
+    assert json.loads(raw.stdout) == checkpoint.read(trained.checkpoint).metadata
+
+
+def broken(tmp_path, trained, how):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained.checkpoint, ckpt)
+    how(ckpt)
+    return ckpt
+
+
+def _newer(ckpt):
+    meta = json.loads((ckpt / "cnnmnist.json").read_text())
+    meta["format_version"] = checkpoint.FORMAT_VERSION + 1
+    (ckpt / "cnnmnist.json").write_text(json.dumps(meta))
+
+
+def _truncate_variables(ckpt):
+    data = next((ckpt / "variables").glob("variables.data-*"))
+    data.write_bytes(data.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        (lambda c: (c / "saved_model.pb").unlink(), "missing saved_model.pb"),
+        (lambda c: (c / "cnnmnist.json").write_text("{not json"), "corrupted metadata"),
+        (_newer, "newer than this cnnmnist reads"),
+        (_truncate_variables, "cannot be loaded"),
+        (lambda c: (c / "saved_model.pb").write_bytes(b"garbage"), "cannot be loaded"),
+    ],
+)
+def test_bad_checkpoints_exit_1_naming_the_path(tmp_path, trained, mnist_dir, how, message):
+    ckpt = broken(tmp_path, trained, how)
+    result = CliRunner().invoke(cli, ["evaluate", str(ckpt), "--data-dir", str(mnist_dir)])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and str(ckpt) in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["evaluate", "inspect"])
+def test_not_a_checkpoint(tmp_path, command):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("hi")
+    for target, message in (
+        ("empty", "not a cnnmnist checkpoint"),
+        ("file.txt", "not a checkpoint directory"),
+        ("nowhere", "no such checkpoint directory"),
+    ):
+        result = CliRunner().invoke(cli, [command, str(tmp_path / target)])
+        assert result.exit_code == 1 and message in result.output, result.output

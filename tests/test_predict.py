@@ -1,0 +1,207 @@
+"""`predict` on users' images: MNIST-style preprocessing, batching, the fast path, bad files."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from cnnmnist import checkpoint
+from cnnmnist import predict as P
+from cnnmnist.cli import cli
+
+N = 1000
+
+
+def predict_json(args, **kwargs):
+    result = CliRunner().invoke(cli, ["predict", "--json", *args], **kwargs)
+    return result, json.loads(result.stdout) if result.stdout.strip() else None
+
+
+def accuracy(rows, labels):
+    return float(np.mean([r["digit"] == int(y) for r, y in zip(rows, labels, strict=True)]))
+
+
+@pytest.fixture(scope="module")
+def array_accuracy(trained, mnist):
+    """The model's accuracy on the first N test digits fed as arrays (the SavedModel itself)."""
+    probs = checkpoint.read(trained.checkpoint).predict(mnist.test_images[:N])
+    return float((probs.argmax(axis=1) == mnist.test_labels[:N]).mean())
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory, trained, mnist):
+    folder = tmp_path_factory.mktemp("png")
+    for i, image in enumerate(mnist.test_images[:N]):
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    result, rows = predict_json([str(folder), "--model", str(trained.checkpoint)])
+    assert result.exit_code == 0, result.output
+    return accuracy(rows, mnist.test_labels[:N]), rows
+
+
+def test_mnist_pngs_round_trip_within_half_a_point(round_trip, array_accuracy):
+    png_accuracy, rows = round_trip
+    assert len(rows) == N
+    assert [r["file"][-8:] for r in rows[:3]] == ["0000.png", "0001.png", "0002.png"]  # sorted
+    assert abs(png_accuracy - array_accuracy) <= 0.005, (png_accuracy, array_accuracy)
+
+
+def photograph(digit: np.ndarray, rng) -> bytes:
+    """What a person's photo of the digit looks like: dark ink on light paper, big, off-centre."""
+    scale = int(rng.integers(4, 9))
+    ink = Image.fromarray(255 - digit).resize((28 * scale, 28 * scale), Image.BILINEAR)
+    paper = Image.new("L", (28 * scale + 200, 28 * scale + 120), color=int(rng.integers(215, 250)))
+    paper.paste(
+        ink,
+        (int(rng.integers(0, 200)), int(rng.integers(0, 120))),
+        mask=ink.point(lambda v: 255 - v),
+    )
+    noisy = np.asarray(paper, np.float64) + rng.normal(0, 4, (paper.height, paper.width))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).convert("RGB").save(
+        buffer, "JPEG", quality=85
+    )
+    return buffer.getvalue()
+
+
+def test_photographed_digits_within_two_points(tmp_path, trained, mnist, round_trip):
+    rng = np.random.default_rng(0)
+    for i, image in enumerate(mnist.test_images[:N]):
+        (tmp_path / f"{i:04d}.jpg").write_bytes(photograph(image, rng))
+    result, rows = predict_json([str(tmp_path), "--model", str(trained.checkpoint)])
+    assert result.exit_code == 0, result.output
+    photo_accuracy = accuracy(rows, mnist.test_labels[:N])
+    assert abs(photo_accuracy - round_trip[0]) <= 0.02, (photo_accuracy, round_trip[0])
+
+
+def test_preprocessing_is_nearly_the_identity_on_mnist(mnist):
+    # Measured: about 0.06 grey levels per pixel on average.
+    assert P.mean_abs_change(mnist.test_images[:300]) < 0.5
+
+
+def test_fast_path_matches_the_saved_model(trained, mnist):
+    meta = checkpoint.read(trained.checkpoint).metadata["fast_path"]
+    assert meta["file"] == checkpoint.TFLITE and meta["checked_on"] == 10000
+    model = P.Model(trained.checkpoint)
+    assert model.engine == "tflite"
+    fast = model.probabilities(mnist.test_images[:2000])
+    authority = checkpoint.read(trained.checkpoint).predict(mnist.test_images[:2000])
+    assert np.array_equal(fast.argmax(axis=1), authority.argmax(axis=1))
+    np.testing.assert_allclose(fast, authority, atol=checkpoint.TFLITE_TOLERANCE)
+
+
+def test_without_the_fast_copy_the_saved_model_answers(tmp_path, trained, mnist):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained.checkpoint, ckpt)
+    (ckpt / checkpoint.TFLITE).unlink()
+    Image.fromarray(mnist.test_images[0]).save(tmp_path / "a.png")
+    result, rows = predict_json([str(tmp_path / "a.png"), "--model", str(ckpt)])
+    assert result.exit_code == 0 and rows[0]["engine"] == "savedmodel"
+    assert rows[0]["digit"] == int(mnist.test_labels[0])
+
+
+def save(image: Image.Image, path, **kwargs):
+    image.save(path, **kwargs)
+    return str(path)
+
+
+def test_odd_formats_bad_files_and_exit_status(tmp_path, trained, mnist):
+    seven = mnist.test_images[0]  # a 7
+    assert int(mnist.test_labels[0]) == 7
+    big = Image.fromarray(255 - seven).resize((140, 140), Image.BILINEAR)  # dark on white
+    rgba = np.zeros((140, 140, 4), np.uint8)
+    rgba[..., 3] = 255 - np.asarray(big)  # black strokes on a transparent background
+    files = [
+        save(Image.fromarray(rgba, "RGBA"), tmp_path / "rgba.png"),
+        save(Image.fromarray(np.asarray(big, np.uint16) * 257), tmp_path / "sixteen.png"),
+        save(big.convert("P"), tmp_path / "palette.gif"),
+        save(Image.new("RGB", (50, 50), "white"), tmp_path / "white.png"),
+        save(Image.new("L", (1, 1), 0), tmp_path / "dot.bmp"),
+    ]
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image\n")
+    truncated = io.BytesIO()
+    big.save(truncated, "PNG")
+    (tmp_path / "truncated.png").write_bytes(truncated.getvalue()[:200])
+    files += [str(tmp_path / n) for n in ("empty.png", "text.png", "truncated.png")]
+
+    result, rows = predict_json([*files, "--model", str(trained.checkpoint)])
+    assert result.exit_code == 1
+    by_name = {r["file"].rsplit("/", 1)[-1]: r for r in rows}
+    assert [r["file"] for r in rows] == files  # input order
+    for name in ("rgba.png", "sixteen.png", "palette.gif"):
+        assert by_name[name]["error"] is None and by_name[name]["digit"] == 7, by_name[name]
+        assert len(by_name[name]["probabilities"]) == 10
+    for name in ("white.png", "dot.bmp"):
+        assert by_name[name]["error"] is None and by_name[name]["digit"] is None
+        assert any("no ink" in w for w in by_name[name]["warnings"])
+    assert "empty file" in by_name["empty.png"]["error"]
+    assert "not an image" in by_name["text.png"]["error"]
+    assert "cannot decode" in by_name["truncated.png"]["error"]
+    assert "3 of 8 inputs could not be predicted" in result.stderr
+
+
+def test_stdin_table_and_show(tmp_path, trained, mnist):
+    buffer = io.BytesIO()
+    Image.fromarray(mnist.test_images[1]).save(buffer, "PNG")
+    result = CliRunner().invoke(
+        cli, ["predict", "-", "--show", "--model", str(trained.checkpoint)], input=buffer.getvalue()
+    )
+    assert result.exit_code == 0, result.output
+    assert "<stdin>" in result.stdout and str(int(mnist.test_labels[1])) in result.stdout
+    assert "the 28x28 input the model saw" in result.stdout
+    assert "@@" in result.stdout  # the drawn strokes
+
+
+def test_border_and_animation_warnings(tmp_path, trained):
+    frames = [Image.new("L", (30, 30), 0) for _ in range(2)]
+    frames[0].paste(255, (0, 5, 6, 25))  # a bar touching the left edge
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    result, rows = predict_json([str(tmp_path / "anim.gif"), "--model", str(trained.checkpoint)])
+    assert result.exit_code == 0, result.output
+    warnings = " ".join(rows[0]["warnings"])
+    assert "first" in warnings and "touches the image border" in warnings
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
+    prepared = P.prepare("bomb.png", png)
+    assert prepared.pixels is None and "refusing to decode" in prepared.error
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from([np.float64, np.float32, np.uint8, np.int16]),
+        shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=40),
+    )
+)
+def test_preprocessing_gives_28x28_uint8_or_our_error(array):
+    try:
+        pixels, _ = P.to_mnist(
+            P.ink_map(array.astype(np.float64) / 255.0) if array.ndim == 2 else array
+        )
+    except P.ImageError:
+        return
+    assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
