@@ -124,19 +124,25 @@ def test_odd_formats_bad_files_and_exit_status(tmp_path, trained, mnist):
         save(big.convert("P"), tmp_path / "palette.gif"),
         save(Image.new("RGB", (50, 50), "white"), tmp_path / "white.png"),
         save(Image.new("L", (1, 1), 0), tmp_path / "dot.bmp"),
+        save(big.convert("CMYK"), tmp_path / "cmyk.jpg", format="JPEG"),
     ]
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image\n")
     truncated = io.BytesIO()
     big.save(truncated, "PNG")
     (tmp_path / "truncated.png").write_bytes(truncated.getvalue()[:200])
-    files += [str(tmp_path / n) for n in ("empty.png", "text.png", "truncated.png")]
+    jpeg = io.BytesIO()
+    big.save(jpeg, "JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
+    files += [
+        str(tmp_path / n) for n in ("empty.png", "text.png", "truncated.png", "truncated.jpg")
+    ]
 
     result, rows = predict_json([*files, "--model", str(trained.checkpoint)])
     assert result.exit_code == 1
     by_name = {r["file"].rsplit("/", 1)[-1]: r for r in rows}
     assert [r["file"] for r in rows] == files  # input order
-    for name in ("rgba.png", "sixteen.png", "palette.gif"):
+    for name in ("rgba.png", "sixteen.png", "palette.gif", "cmyk.jpg"):
         assert by_name[name]["error"] is None and by_name[name]["digit"] == 7, by_name[name]
         assert len(by_name[name]["probabilities"]) == 10
     for name in ("white.png", "dot.bmp"):
@@ -145,7 +151,8 @@ def test_odd_formats_bad_files_and_exit_status(tmp_path, trained, mnist):
     assert "empty file" in by_name["empty.png"]["error"]
     assert "not an image" in by_name["text.png"]["error"]
     assert "cannot decode" in by_name["truncated.png"]["error"]
-    assert "3 of 8 inputs could not be predicted" in result.stderr
+    assert "cannot decode" in by_name["truncated.jpg"]["error"]
+    assert "4 of 10 inputs could not be predicted" in result.stderr
 
 
 def test_stdin_table_and_show(tmp_path, trained, mnist):

@@ -125,7 +125,9 @@ def test_cli_train_json_and_overwrite_refusal(tmp_path, mnist_dir):
     forced = runner.invoke(cli, [*args[:-2], "--seed", "2", "--force"])
     assert forced.exit_code == 0, forced.output
     assert checkpoint.read(out).metadata["seed"] == 2
-    assert not list(tmp_path.glob(".ckpt.*"))  # no temporaries left beside it
+    # No temporaries left beside it (the hidden .ckpt.lock stays: flock needs a stable file).
+    assert not list(tmp_path.glob(".ckpt.tmp-*")) and not list(tmp_path.glob(".ckpt.old-*"))
+    assert not (tmp_path / "ckpt.partial").exists()
 
 
 def test_plain_progress_is_one_line_per_epoch(tmp_path, mnist_dir):

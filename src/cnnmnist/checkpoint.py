@@ -129,6 +129,7 @@ def write(
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
+    moved = None
     try:
         export_saved_model(model, tmp)
         fast_path = write_tflite(tmp, check_images)
@@ -137,15 +138,18 @@ def write(
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
         _fsync_tree(tmp)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-0"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+            # Two renames: a crash between them leaves the old checkpoint under a name that
+            # recover() puts back; a failure here puts it back at once.
+            moved = out.parent / f".{out.name}.old-{os.getpid()}-0"
+            os.rename(out, moved)
+        os.rename(tmp, out)
     except BaseException:
+        if moved is not None and not out.exists():
+            os.rename(moved, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if moved is not None:
+        shutil.rmtree(moved, ignore_errors=True)
     return out
 
 

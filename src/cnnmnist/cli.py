@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from cnnmnist import __version__
-from cnnmnist.errors import CnnmnistError, UsageError
+from cnnmnist.errors import CnnmnistError, Interrupted, UsageError
 from cnnmnist.presets import DATASETS, OPTIMIZERS
 
 EXIT_INTERRUPTED = 130
@@ -28,6 +28,9 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except UsageError as e:
             raise click.UsageError(str(e), ctx) from None
+        except Interrupted as e:
+            click.echo(str(e), err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         except CnnmnistError as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
@@ -98,6 +101,11 @@ def cli() -> None:
 )
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint at --out.")
 @click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run writing --out from its last completed epoch.",
+)
+@click.option(
     "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
 )
 @click.option(
@@ -121,24 +129,48 @@ def train(
     data_dir,
     out,
     force,
+    resume,
     device,
     tensorboard,
     as_json,
 ) -> None:
-    """Train a preset and write a SavedModel checkpoint to --out."""
+    """Train a preset and write a SavedModel checkpoint to --out.
+
+    The state of every completed epoch is kept in OUT.partial/ until the run ends, so a
+    killed run continues with --resume; Ctrl-C stops at the next batch (exit 130).
+    """
     from cnnmnist import presets
 
-    recipe, options = presets.resolve(
-        preset,
-        presets.load_config(config) if config else None,
-        optimizer=optimizer,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        validation_size=validation_size,
-        train_size=train_size,
-        dataset=dataset,
+    recipe_flags = {
+        "--preset": preset,
+        "--config": config,
+        "--optimizer": optimizer,
+        "--learning-rate": learning_rate,
+        "--epochs": epochs,
+        "--batch-size": batch_size,
+        "--seed": seed,
+        "--validation-size": validation_size,
+        "--train-size": train_size,
+        "--dataset": dataset,
+    }
+    given = [flag for flag, value in recipe_flags.items() if value is not None]
+    if resume and given:
+        raise UsageError(f"--resume continues the recorded recipe; drop {', '.join(given)}")
+    recipe, options = (
+        (None, {"dataset": None})
+        if resume
+        else presets.resolve(
+            preset,
+            presets.load_config(config) if config else None,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            validation_size=validation_size,
+            train_size=train_size,
+            dataset=dataset,
+        )
     )
     from cnnmnist import train as training
 
@@ -148,6 +180,7 @@ def train(
         data_dir=data_dir,
         out=out,
         force=force,
+        resume=resume,
         device=device,
         tensorboard=tensorboard,
     )

@@ -15,3 +15,7 @@ class DataError(CnnmnistError):
 
 class CheckpointError(CnnmnistError):
     """A checkpoint directory is missing, incomplete, corrupted or of an unknown format."""
+
+
+class Interrupted(CnnmnistError):
+    """The user stopped a run (Ctrl-C); the message says how to resume (exit 130)."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
+import shlex
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,10 +18,14 @@ from typing import Any
 import numpy as np
 
 from cnnmnist import __version__, checkpoint, data
-from cnnmnist.errors import CheckpointError, CnnmnistError
+from cnnmnist import resume as resume_state
+from cnnmnist.errors import CheckpointError, CnnmnistError, Interrupted
 from cnnmnist.presets import Preset
 
 DEVICES = ("auto", "cpu", "gpu")
+# A mean cross-entropy this large puts e^-10000 on the true class: the weights have blown up
+# even while the number is still finite (Adam at lr 1000 gets here, then ReLUs die silently).
+EXPLODED_LOSS = 1e4
 
 
 class TrainingDiverged(CnnmnistError):
@@ -101,23 +110,50 @@ def fixed_batches(images: np.ndarray, labels: np.ndarray, batch_size: int = 1000
     return ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
 
 
-def divergence_guard():
-    """A callback that stops training at the first non-finite loss and remembers where."""
+def safekeeping(save_epoch):
+    """A callback that stops at the first non-finite loss or a Ctrl-C, at a batch boundary,
+    and otherwise calls save_epoch(epoch) after every completed epoch."""
     import keras
 
-    class Guard(keras.callbacks.Callback):
-        where: tuple[int, int, float] | None = None
+    class Safekeeping(keras.callbacks.Callback):
+        diverged: tuple[int, int, float] | None = None
+        interrupted = False
+        completed = 0  # epochs whose state is saved
 
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch = epoch
 
         def on_train_batch_end(self, batch, logs=None):
             loss = float((logs or {}).get("loss", 0.0))
-            if not math.isfinite(loss):
-                self.where = (self._epoch + 1, batch + 1, loss)
+            if not math.isfinite(loss) or loss > EXPLODED_LOSS:
+                self.diverged = (self._epoch + 1, batch + 1, loss)
+            if self.diverged or self.interrupted:
                 self.model.stop_training = True
 
-    return Guard()
+        def on_epoch_end(self, epoch, logs=None):
+            if not (self.diverged or self.interrupted):  # a cut-short epoch is not saved
+                save_epoch(epoch + 1)
+                self.completed = epoch + 1
+
+    return Safekeeping()
+
+
+@contextlib.contextmanager
+def sigint_to(keeper) -> Iterator[None]:
+    """The first Ctrl-C asks training to stop at the next batch; a second one aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        keeper.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def compile_model(recipe: Preset):
@@ -136,22 +172,46 @@ def compile_model(recipe: Preset):
 
 
 def run(
-    recipe: Preset,
+    recipe: Preset | None,
     *,
     dataset: str = "mnist",
     data_dir: Path | None = None,
     out: Path = Path("ckpt"),
     force: bool = False,
+    resume: bool = False,
     device: str = "auto",
     tensorboard: Path | None = None,
     live_progress: bool | None = None,
 ) -> TrainResult:
-    """Train a preset's recipe and write its checkpoint to `out`; return the result."""
-    started = time.perf_counter()
+    """Train a recipe (or resume the interrupted run at `out`) and write its checkpoint."""
     out = Path(out)
-    checkpoint.recover(out)
-    if out.exists() and not force:  # fail before minutes of training, not after
-        raise CheckpointError(f"{out}: already exists; pass --force to replace it")
+    with resume_state.lock(out):
+        checkpoint.recover(out)
+        state = resume_state.load_state(out)
+        if resume:
+            if state is None:
+                raise CnnmnistError(
+                    f"{resume_state.partial_dir(out)}: no interrupted run to resume here"
+                )
+            recipe = Preset(**state["recipe"])
+            dataset = state["options"]["dataset"]
+            data_dir = data_dir or state["options"]["data_dir"]
+        elif state is not None:
+            raise CnnmnistError(
+                f"{resume_state.partial_dir(out)}: holds an interrupted run (epoch "
+                f"{state['epoch']} of {state['recipe']['epochs']}); continue it with "
+                f"`cnnmnist train --resume --out {shlex.quote(str(out))}`, or delete that "
+                "directory to start over"
+            )
+        if out.exists() and not force:  # fail before minutes of training, not after
+            raise CheckpointError(f"{out}: already exists; pass --force to replace it")
+        return _train(
+            recipe, state, dataset, data_dir, out, force, device, tensorboard, live_progress
+        )
+
+
+def _train(recipe, state, dataset, data_dir, out, force, device, tensorboard, live_progress):
+    started = time.perf_counter()
     ds = data.load(dataset, data_dir)
 
     import keras
@@ -167,36 +227,55 @@ def run(
     if len(x_train) == 0:
         raise CnnmnistError(f"validation_size {recipe.validation_size} leaves no training images")
     steps = math.ceil(len(x_train) / recipe.batch_size)
-    train_ds = pipeline(x_train, y_train, recipe.batch_size, recipe.seed, range(recipe.epochs))
+    first_epoch = state["epoch"] if state else 0
     val_ds = (
         fixed_batches(*ds.split("validation", recipe.validation_size))
         if recipe.validation_size
         else None
     )
 
-    net = compile_model(recipe)
+    net = resume_state.restore(out, state) if state else compile_model(recipe)
     progress = progress_callback(recipe.epochs, steps, live=live_progress)
-    guard = divergence_guard()
-    callbacks = [guard, progress]
+    progress.history = list(state["history"]) if state else []
+    options = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None}
+    keeper = safekeeping(
+        lambda epoch: resume_state.save(net, out, epoch, progress.history, recipe, options)
+    )
+    callbacks = [progress, keeper]  # progress first: the saved history includes this epoch
     if tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard)))
-    net.fit(
-        train_ds,
-        epochs=recipe.epochs,
-        steps_per_epoch=steps,
-        validation_data=val_ds,
-        callbacks=callbacks,
-        shuffle=False,  # the pipeline already shuffles, reproducibly
-        verbose=0,
-    )
-    if guard.where:
-        epoch, step, loss = guard.where
+    if first_epoch < recipe.epochs:
+        with sigint_to(keeper):
+            net.fit(
+                pipeline(
+                    x_train,
+                    y_train,
+                    recipe.batch_size,
+                    recipe.seed,
+                    range(first_epoch, recipe.epochs),
+                ),
+                epochs=recipe.epochs,
+                initial_epoch=first_epoch,
+                steps_per_epoch=steps,
+                validation_data=val_ds,
+                callbacks=callbacks,
+                shuffle=False,  # the pipeline already shuffles, reproducibly
+                verbose=0,
+            )
+    if keeper.diverged:
+        epoch, step, loss = keeper.diverged
         raise TrainingDiverged(
-            f"training diverged: the loss became {loss} at epoch {epoch}, step {step}; "
+            f"training diverged: the loss became {loss:.4g} at epoch {epoch}, step {step}; "
             f"try a lower --learning-rate than {recipe.learning_rate:g}. "
             f"Nothing was written to {out}."
         )
-
+    if keeper.interrupted:
+        done = max(keeper.completed, first_epoch)
+        where = f"after epoch {done} of {recipe.epochs}" if done else "before the first epoch ended"
+        raise Interrupted(
+            f"interrupted {where}; continue with: cnnmnist train --resume --out "
+            f"{shlex.quote(str(out))}"
+        )
     test_loss, test_accuracy = net.evaluate(
         fixed_batches(ds.test_images, ds.test_labels), verbose=0
     )
@@ -236,6 +315,7 @@ def run(
         },
     }
     checkpoint.write(net, out, metadata, overwrite=force, check_images=ds.test_images)
+    resume_state.discard(out)
     return TrainResult(
         checkpoint=out,
         preset=recipe.name,

@@ -1,0 +1,126 @@
+"""The state of a run in progress: saved every epoch beside the checkpoint, locked to one writer.
+
+`OUT.partial/` holds the last completed epoch (Keras model with optimizer state, the dropout
+RNG state, history, the resolved recipe). It sits beside OUT, not inside it, so a previous
+good checkpoint at OUT stays untouched until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cnnmnist.errors import CnnmnistError, UsageError
+from cnnmnist.presets import Preset
+
+STATE = "state.json"
+FORMAT_VERSION = 1
+
+
+def partial_dir(out: Path) -> Path:
+    """Where the in-progress state of a run writing `out` lives."""
+    return out.with_name(out.name + ".partial")
+
+
+@contextlib.contextmanager
+def lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` for this process; the kernel drops it if we die."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_name(f".{out.name}.lock")
+    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise CnnmnistError(
+                f"{out}: another `cnnmnist train` (pid {owner}) is writing here; "
+                "wait for it to finish or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def seed_states(model) -> list:
+    """The dropout RNG states, which Keras does not save with the model."""
+    return [v for v in model.non_trainable_variables if "seed_generator" in v.path]
+
+
+def save(
+    model,
+    out: Path,
+    epoch: int,
+    history: list[dict[str, Any]],
+    recipe: Preset,
+    options: dict[str, Any],
+) -> None:
+    """Record the end of `epoch` (1-based count of completed epochs), atomically."""
+    directory = partial_dir(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = f"epoch-{epoch}.keras"
+    model.save(directory / weights)
+    state = {
+        "format_version": FORMAT_VERSION,
+        "epoch": epoch,
+        "model": weights,
+        "seed_states": [v.numpy().tolist() for v in seed_states(model)],
+        "history": history,
+        "recipe": asdict(recipe),
+        "options": options,
+    }
+    tmp = directory / f"{STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / STATE)  # the switch to the new epoch is this one rename
+    for old in directory.glob("epoch-*.keras"):
+        if old.name != weights:
+            old.unlink()
+
+
+def load_state(out: Path) -> dict[str, Any] | None:
+    """The recorded state of an interrupted run writing `out`, or None if there is none."""
+    path = partial_dir(out) / STATE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        if state["format_version"] > FORMAT_VERSION:
+            raise CnnmnistError(f"{path}: written by a newer cnnmnist")
+        Preset(**state["recipe"]).validate()
+        return state
+    except (json.JSONDecodeError, KeyError, TypeError, UsageError) as e:
+        raise CnnmnistError(f"{path}: corrupted resume state ({e}); delete {path.parent}") from None
+
+
+def restore(out: Path, state: dict[str, Any]):
+    """The model (weights, optimizer, dropout RNG) as it was at the end of the recorded epoch."""
+    import keras
+
+    path = partial_dir(out) / state["model"]
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as e:  # noqa: BLE001 - Keras raises many kinds for a damaged file
+        raise CnnmnistError(f"{path}: cannot load the saved training state: {e}") from None
+    for variable, value in zip(seed_states(model), state["seed_states"], strict=True):
+        variable.assign(value)
+    return model
+
+
+def discard(out: Path) -> None:
+    """Remove the in-progress state once the final checkpoint is in place."""
+    shutil.rmtree(partial_dir(out), ignore_errors=True)

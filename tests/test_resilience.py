@@ -1,0 +1,225 @@
+"""Nothing lost: kill -9 and resume, Ctrl-C, crashes while writing, one writer, divergence."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cnnmnist import checkpoint, resume
+from cnnmnist.cli import cli
+
+SMALL = ["--train-size", "6000", "--validation-size", "500", "--epochs", "3", "--seed", "7"]
+
+
+def cnnmnist(*args, **kwargs):
+    return [sys.executable, "-m", "cnnmnist", *args]
+
+
+def wait_for_epoch(out, epoch, proc, timeout=120):
+    state = resume.partial_dir(out) / resume.STATE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.stderr.read()}")
+        if state.exists() and json.loads(state.read_text())["epoch"] >= epoch:
+            return
+        time.sleep(0.05)
+    pytest.fail("training made no progress")
+
+
+def weights(ckpt):
+    import keras
+
+    return keras.saving.load_model(ckpt / checkpoint.KERAS_MODEL).get_weights()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("ref") / "ckpt"
+    subprocess.run(
+        cnnmnist("train", *SMALL, "--out", str(out), "--data-dir", str(mnist_dir)),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return out
+
+
+def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(
+    tmp_path, mnist_dir, uninterrupted
+):
+    out = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        cnnmnist("train", *SMALL, "--out", str(out), "--data-dir", str(mnist_dir)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_epoch(out, 1, proc)
+        time.sleep(0.4)  # into epoch 2
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert not out.exists()
+    state = json.loads((resume.partial_dir(out) / resume.STATE).read_text())
+    assert 1 <= state["epoch"] < 3
+
+    result = subprocess.run(
+        cnnmnist("train", "--resume", "--out", str(out), "--json"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [row["epoch"] for row in report["history"]] == [1, 2, 3]
+    assert not resume.partial_dir(out).exists()  # cleaned up once the checkpoint is in place
+    for a, b in zip(weights(out), weights(uninterrupted), strict=True):
+        np.testing.assert_array_equal(a, b)
+    reference = checkpoint.read(uninterrupted).metadata
+    assert checkpoint.read(out).metadata["test"] == reference["test"]
+
+
+def test_sigint_stops_cleanly_with_exit_130_and_a_resumable_state(tmp_path, mnist_dir):
+    out = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        cnnmnist("train", *SMALL, "--out", str(out), "--data-dir", str(mnist_dir)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_epoch(out, 1, proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert f"cnnmnist train --resume --out {out}" in stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    state = json.loads((resume.partial_dir(out) / resume.STATE).read_text())
+    assert state["epoch"] >= 1 and len(state["history"]) == state["epoch"]
+
+
+def test_a_fresh_run_does_not_discard_an_interrupted_one(tmp_path, mnist_dir):
+    out = tmp_path / "ckpt"
+    resume.partial_dir(out).mkdir(parents=True)
+    (resume.partial_dir(out) / resume.STATE).write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "epoch": 2,
+                "model": "epoch-2.keras",
+                "seed_states": [],
+                "history": [],
+                "recipe": {"name": "seed", "description": "", "model": "seed", "epochs": 5},
+                "options": {"dataset": "mnist", "data_dir": None},
+            }
+        )
+    )
+    result = CliRunner().invoke(cli, ["train", "--out", str(out), "--data-dir", str(mnist_dir)])
+    assert result.exit_code == 1
+    assert "interrupted run (epoch 2 of 5)" in result.output and "--resume" in result.output
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--resume", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "no interrupted run to resume" in result.output
+    result = CliRunner().invoke(
+        cli, ["train", "--resume", "--epochs", "3", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "drop --epochs" in result.output
+
+
+def test_crash_at_the_rename_keeps_the_old_checkpoint(tmp_path, trained, mnist, monkeypatch):
+    out = tmp_path / "ckpt"
+    shutil.copytree(trained.checkpoint, out)
+    before = checkpoint.read(out).predict(mnist.test_images[:500])
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("disk fell off (injected)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="injected"):
+        checkpoint.write(trained.model, out, {"preset": "x"}, overwrite=True)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(checkpoint.read(out).predict(mnist.test_images[:500]), before)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]
+
+
+def test_a_crash_between_the_renames_is_repaired_on_the_next_run(tmp_path, trained):
+    out = tmp_path / "ckpt"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    # What kill -9 between the two renames leaves: the old checkpoint moved aside, a temporary.
+    shutil.copytree(trained.checkpoint, tmp_path / f".ckpt.old-{dead}-0")
+    (tmp_path / f".ckpt.tmp-{dead}-abc123").mkdir()
+    checkpoint.recover(out)
+    assert checkpoint.read(out).metadata == checkpoint.read(trained.checkpoint).metadata
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_second_writer_is_refused_and_a_dead_one_leaves_no_stuck_lock(tmp_path, mnist_dir):
+    out = tmp_path / "ckpt"
+    with resume.lock(out):
+        result = CliRunner().invoke(cli, ["train", "--out", str(out), "--data-dir", str(mnist_dir)])
+    assert result.exit_code == 1 and "another `cnnmnist train`" in result.output
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from cnnmnist import resume; from pathlib import Path; import time\n"
+            f"with resume.lock(Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    with resume.lock(out):  # the kernel released the dead process's lock
+        pass
+
+
+def test_divergence_stops_at_once_and_keeps_the_good_checkpoint(tmp_path, trained, mnist_dir):
+    out = tmp_path / "ckpt"
+    shutil.copytree(trained.checkpoint, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--learning-rate",
+            "1000",
+            "--train-size",
+            "3000",
+            "--validation-size",
+            "500",
+            "--epochs",
+            "3",
+            "--out",
+            str(out),
+            "--force",
+            "--data-dir",
+            str(mnist_dir),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "diverged" in result.output and "epoch 1, step" in result.output
+    assert "lower --learning-rate" in result.output
+    assert result.stderr.count("epoch 1/3") == 1 and "epoch 2/3" not in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
