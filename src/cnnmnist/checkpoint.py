@@ -115,10 +115,13 @@ def write(
     *,
     overwrite: bool,
     check_images=None,
+    served: keras.Model | None = None,
 ) -> Path:
     """Write a complete checkpoint beside `out`, then swap it in by rename.
 
-    check_images: raw test pixels on which the fast TFLite copy must match the SavedModel.
+    model is saved with its optimizer (to continue training); served (default: model) is
+    exported as the SavedModel. check_images: raw test pixels on which the fast TFLite
+    copy must match the SavedModel.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +134,7 @@ def write(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
     moved = None
     try:
-        export_saved_model(model, tmp)
+        export_saved_model(served or model, tmp)
         fast_path = write_tflite(tmp, check_images)
         model.save(tmp / KERAS_MODEL)
         meta = {"format_version": FORMAT_VERSION, **metadata, "fast_path": fast_path}

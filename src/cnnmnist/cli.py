@@ -15,7 +15,7 @@ import click
 
 from cnnmnist import __version__
 from cnnmnist.errors import CnnmnistError, Interrupted, UsageError
-from cnnmnist.presets import DATASETS, OPTIMIZERS
+from cnnmnist.presets import DATASETS, OPTIMIZERS, PRECISIONS
 
 EXIT_INTERRUPTED = 130
 
@@ -85,6 +85,13 @@ def cli() -> None:
     help="Images held out from the start of the training file (default 5000, as the chapter).",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Compute precision (mixed policies; softmax and loss stay float32). auto: bfloat16 "
+    "on CPUs with native BF16, float16 on GPUs, else float32. Chapter presets: float32.",
+)
+@click.option(
     "--train-size",
     type=click.IntRange(min=0),
     default=None,
@@ -124,6 +131,7 @@ def train(
     batch_size,
     seed,
     validation_size,
+    precision,
     train_size,
     dataset,
     data_dir,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ def build(preset: Preset) -> keras.Model:
     import keras
     from keras import layers
 
-    builders = {"seed": _seed, "seed-layers": _seed_layers, "mlp": _mlp}
+    builders = {"seed": _seed, "seed-layers": _seed_layers, "mlp": _mlp, "best": _best}
     if preset.model not in builders:
         raise ValueError(f"unknown model {preset.model!r}")
     inputs = keras.Input(INPUT_SHAPE, dtype="float32", name="pixels")
@@ -78,7 +79,73 @@ def _mlp(x):
     return layers.Dense(256, activation="relu", name="dense2")(x)
 
 
-def optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+@functools.cache
+def tf1_rmsprop() -> type:
+    """RMSProp as TF1's tf.train.RMSPropOptimizer had it: the mean square starts at ones
+    (Keras: zeros) and epsilon is 1e-10 (Keras: 1e-7). Registered so model.keras reloads."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="cnnmnist")
+    class TF1RMSprop(keras.optimizers.RMSprop):
+        def __init__(self, learning_rate=0.001, rho=0.9, epsilon=1e-10, **kwargs):
+            super().__init__(learning_rate=learning_rate, rho=rho, epsilon=epsilon, **kwargs)
+
+        def build(self, var_list):
+            if self.built:
+                return
+            super().build(var_list)
+            for velocity in self._velocities:
+                velocity.assign(keras.ops.ones_like(velocity))
+
+    return TF1RMSprop
+
+
+def _best(x):
+    from keras import layers
+
+    # Augmentation is a training-time layer: inactive at inference, so the exported
+    # signature sees the digit as given. float32: the image ops have no bfloat16 kernels.
+    x = layers.RandomRotation(10 / 360, fill_mode="constant", dtype="float32", name="rotate")(x)
+    x = layers.RandomTranslation(0.1, 0.1, fill_mode="constant", dtype="float32", name="shift")(x)
+    x = layers.RandomZoom(0.1, fill_mode="constant", dtype="float32", name="zoom")(x)
+
+    def conv_bn(x, filters, name):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.Activation("relu", name=f"{name}_relu")(x)
+
+    x = conv_bn(x, 32, "conv1")
+    x = conv_bn(x, 32, "conv2")
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Dropout(0.1, name="dropout1")(x)
+    x = conv_bn(x, 64, "conv3")
+    x = conv_bn(x, 64, "conv4")
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = layers.Dropout(0.2, name="dropout2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(256, use_bias=False, name="dense")(x)
+    x = layers.BatchNormalization(name="dense_bn")(x)
+    x = layers.Activation("relu", name="dense_relu")(x)
+    return layers.Dropout(0.3, name="dropout3")(x)
+
+
+def learning_rate(peak: float, schedule: str, total_steps: int):
+    """A constant rate, or one cycle: linear warm-up over 20% of the steps, then cosine to 0."""
+    import keras
+
+    if schedule == "constant":
+        return peak
+    warmup = max(1, total_steps // 5)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak / 25,
+        decay_steps=max(1, total_steps - warmup),
+        alpha=0.0,
+        warmup_target=peak,
+        warmup_steps=warmup,
+    )
+
+
+def optimizer(name: str, learning_rate) -> keras.optimizers.Optimizer:
     """A Keras optimizer by the names presets use (rmsprop keeps the chapter's decay 0.9)."""
     import keras
 
@@ -88,6 +155,7 @@ def optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
         "nadam": keras.optimizers.Nadam,
         "adamax": keras.optimizers.Adamax,
         "rmsprop": lambda learning_rate: keras.optimizers.RMSprop(learning_rate, rho=0.9),
+        "rmsprop-tf1": tf1_rmsprop(),
         "sgd": keras.optimizers.SGD,
         "adagrad": keras.optimizers.Adagrad,
         "adadelta": keras.optimizers.Adadelta,

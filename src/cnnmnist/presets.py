@@ -11,7 +11,20 @@ from typing import Any
 
 from cnnmnist.errors import UsageError
 
-OPTIMIZERS = ("adam", "adamw", "nadam", "adamax", "rmsprop", "sgd", "adagrad", "adadelta", "lion")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+SCHEDULES = ("constant", "one-cycle")
+OPTIMIZERS = (
+    "adam",
+    "adamw",
+    "nadam",
+    "adamax",
+    "rmsprop",
+    "rmsprop-tf1",
+    "sgd",
+    "adagrad",
+    "adadelta",
+    "lion",
+)
 DATASETS = ("mnist", "fashion-mnist")
 
 
@@ -29,6 +42,8 @@ class Preset:
     seed: int = 0
     validation_size: int = 5000
     train_size: int = 0  # 0: every image not held out for validation
+    precision: str = "float32"  # the chapter's numbers are float32; see train.resolve_precision
+    schedule: str = "constant"  # or "one-cycle": linear warm-up to learning_rate, cosine to 0
     reference_accuracy: float | None = None
     reference: str = ""
 
@@ -55,6 +70,10 @@ class Preset:
             raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
         if not 0 <= self.validation_size < 60000:
             raise UsageError(f"validation_size must be in 0..59999, got {self.validation_size}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(_unknown("precision", self.precision, PRECISIONS))
+        if self.schedule not in SCHEDULES:
+            raise UsageError(_unknown("schedule", self.schedule, SCHEDULES))
         if self.train_size < 0:
             raise UsageError(f"train_size must be 0 (all) or positive, got {self.train_size}")
 
@@ -72,6 +91,8 @@ TUNABLE: dict[str, type] = {
     "seed": int,
     "validation_size": int,
     "train_size": int,
+    "precision": str,
+    "schedule": str,
 }
 
 _REGISTRY: dict[str, Preset] = {}
@@ -190,5 +211,20 @@ register(
         model="mlp",
         reference_accuracy=0.981,
         reference="chapter 6 dense network",
+    )
+)
+register(
+    Preset(
+        name="best",
+        description="Beyond the book: 4 conv layers with batch norm, random affine "
+        "augmentation (10 deg, 10% shift, 10% zoom), one-cycle Adam, bfloat16 where fast",
+        model="best",
+        optimizer="adam",
+        learning_rate=3e-3,
+        epochs=15,
+        batch_size=128,
+        precision="auto",
+        schedule="one-cycle",
+        reference="goal: 99.6% mean over 3 seeds, at most 20 minutes a run on 2 CPU cores",
     )
 )

@@ -111,6 +111,9 @@ def restore(out: Path, state: dict[str, Any]):
     """The model (weights, optimizer, dropout RNG) as it was at the end of the recorded epoch."""
     import keras
 
+    from cnnmnist.model import tf1_rmsprop
+
+    tf1_rmsprop()  # registers the custom optimizer before Keras looks it up
     path = partial_dir(out) / state["model"]
     try:
         model = keras.saving.load_model(path)

@@ -58,6 +58,31 @@ class TrainResult:
         }
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(choice: str, flags: set[str], has_gpu: bool) -> str:
+    """The Keras dtype policy for --precision; 'auto' picks what this hardware runs fast.
+
+    bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX), else it is
+    emulated and slower than float32; float16 on GPUs (tensor cores).
+    """
+    if choice == "auto":
+        if has_gpu:
+            return "mixed_float16"
+        return "mixed_bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    return {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[choice]
+
+
 def configure_device(device: str) -> None:
     """Choose CPU or GPU before TensorFlow touches a device; GPUs grow their memory as needed."""
     import tensorflow as tf
@@ -156,15 +181,38 @@ def sigint_to(keeper) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def compile_model(recipe: Preset):
+def float32_twin(net, recipe: Preset):
+    """The trained model computing in float32: what the checkpoint serves and is tested as.
+
+    Mixed-precision training keeps float32 weights; serving them in float32 is portable
+    (bfloat16 kernels exist only on some CPUs), at least as accurate, and convertible to TFLite.
+    """
+    import keras
+
+    if net.dtype_policy.name == "float32":
+        return net
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        twin = compile_model(recipe)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    twin.set_weights(net.get_weights())
+    return twin
+
+
+def compile_model(recipe: Preset, steps_per_epoch: int = 1):
     """Build and compile the preset's model (loss on logits, accuracy metric)."""
     import keras
 
     from cnnmnist import model as models
 
     net = models.build(recipe)
+    rate = models.learning_rate(
+        recipe.learning_rate, recipe.schedule, steps_per_epoch * recipe.epochs
+    )
     net.compile(
-        optimizer=models.optimizer(recipe.optimizer, recipe.learning_rate),
+        optimizer=models.optimizer(recipe.optimizer, rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
@@ -217,9 +265,28 @@ def _train(recipe, state, dataset, data_dir, out, force, device, tensorboard, li
     import keras
     import tensorflow as tf
 
+    configure_device(device)
+    policy = resolve_precision(
+        recipe.precision, cpu_flags(), bool(tf.config.list_logical_devices("GPU"))
+    )
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        options = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None}
+        return _fit_and_write(
+            recipe, state, ds, options, out, force, tensorboard, live_progress, started, policy
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # a global: leave it as found
+
+
+def _fit_and_write(
+    recipe, state, ds, options, out, force, tensorboard, live_progress, started, policy
+):
+    import keras
+    import tensorflow as tf
+
     from cnnmnist.console import progress_callback
 
-    configure_device(device)
     keras.utils.set_random_seed(recipe.seed)
     x_train, y_train = ds.split("train", recipe.validation_size)
     if recipe.train_size:
@@ -234,10 +301,9 @@ def _train(recipe, state, dataset, data_dir, out, force, device, tensorboard, li
         else None
     )
 
-    net = resume_state.restore(out, state) if state else compile_model(recipe)
+    net = resume_state.restore(out, state) if state else compile_model(recipe, steps)
     progress = progress_callback(recipe.epochs, steps, live=live_progress)
     progress.history = list(state["history"]) if state else []
-    options = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None}
     keeper = safekeeping(
         lambda epoch: resume_state.save(net, out, epoch, progress.history, recipe, options)
     )
@@ -276,13 +342,15 @@ def _train(recipe, state, dataset, data_dir, out, force, device, tensorboard, li
             f"interrupted {where}; continue with: cnnmnist train --resume --out "
             f"{shlex.quote(str(out))}"
         )
-    test_loss, test_accuracy = net.evaluate(
+    served = float32_twin(net, recipe)
+    test_loss, test_accuracy = served.evaluate(
         fixed_batches(ds.test_images, ds.test_labels), verbose=0
     )
     seconds = time.perf_counter() - started
     metadata = {
         "preset": recipe.name,
         "hyperparameters": recipe.hyperparameters(),
+        "dtype_policy": policy,
         "seed": recipe.seed,
         "dataset": {
             "name": ds.name,
@@ -314,7 +382,9 @@ def _train(recipe, state, dataset, data_dir, out, force, device, tensorboard, li
             "output": "probabilities: float32 [N, 10]",
         },
     }
-    checkpoint.write(net, out, metadata, overwrite=force, check_images=ds.test_images)
+    checkpoint.write(
+        net, out, metadata, overwrite=force, check_images=ds.test_images, served=served
+    )
     resume_state.discard(out)
     return TrainResult(
         checkpoint=out,

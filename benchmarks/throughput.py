@@ -1,0 +1,109 @@
+"""Training throughput: plain Keras `model.fit` on float32 arrays vs cnnmnist's own path.
+
+Alternates the contenders round by round in one process (this machine is noisy), on the
+reference `seed` model with Adam and batch 100, and prints images/s and the ratios.
+
+    python benchmarks/throughput.py                 # full: 3 rounds of 1 epoch each (~10 min)
+    python benchmarks/throughput.py --tiny          # a smoke run (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "throughput.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="few steps, for a smoke test")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=55000, help="training images per round")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.tiny:
+        args.rounds, args.images = 1, 1000
+
+    import keras
+    import numpy as np
+
+    from cnnmnist import data, presets, train
+
+    ds = data.load("mnist", args.data_dir)
+    x, y = ds.split("train", 5000)
+    x, y = x[: args.images], y[: args.images]
+    recipe = presets.get("seed")
+    batch = recipe.batch_size
+    steps = math.ceil(len(x) / batch)
+
+    def plain_keras() -> float:
+        keras.mixed_precision.set_global_policy("float32")
+        model = train.compile_model(recipe)
+        xf = x.reshape(-1, 28, 28, 1).astype(np.float32)  # what a plain port feeds
+        model.fit(xf[: batch * 2], y[: batch * 2], batch_size=batch, epochs=1, verbose=0)  # warm up
+        start = time.perf_counter()
+        model.fit(xf, y, batch_size=batch, epochs=1, verbose=0)
+        return len(x) / (time.perf_counter() - start)
+
+    def ours(policy: str):
+        def run() -> float:
+            keras.mixed_precision.set_global_policy(policy)
+            try:
+                model = train.compile_model(recipe)
+                warm = train.pipeline(x[: batch * 2], y[: batch * 2], batch, 0, range(1))
+                model.fit(warm, epochs=1, verbose=0)
+                start = time.perf_counter()
+                model.fit(
+                    train.pipeline(x, y, batch, 0, range(1)),
+                    epochs=1,
+                    steps_per_epoch=steps,
+                    verbose=0,
+                )
+                return len(x) / (time.perf_counter() - start)
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+
+        return run
+
+    contenders = {
+        "plain_keras_float32": plain_keras,
+        "cnnmnist_float32": ours("float32"),
+        "cnnmnist_bfloat16": ours("mixed_bfloat16"),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(args.rounds):
+        for name, fn in contenders.items():
+            samples[name].append(fn())
+            print(f"round {round_ + 1}: {name:22s} {samples[name][-1]:8.0f} images/s", flush=True)
+    median = {name: statistics.median(v) for name, v in samples.items()}
+    base = median["plain_keras_float32"]
+    result = {
+        "tiny": args.tiny,
+        "images_per_round": len(x),
+        "rounds": args.rounds,
+        "batch_size": batch,
+        "images_per_second": {name: round(v, 1) for name, v in median.items()},
+        "samples": {name: [round(s, 1) for s in v] for name, v in samples.items()},
+        "ratio_vs_plain_keras": {name: round(v / base, 3) for name, v in median.items()},
+        "goals": {"cnnmnist_float32": 1.25, "cnnmnist_bfloat16": 2.0},
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.processor(),
+            "bf16": sorted(train.cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+        },
+        "versions": {"keras": keras.__version__},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["ratio_vs_plain_keras"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
