@@ -51,3 +51,21 @@ def test_bfloat16_run_learns_and_exports_float32_probabilities(tmp_path, mnist_d
     assert ckpt.metadata["dtype_policy"] == "mixed_bfloat16"
     probs = ckpt.predict(mnist.test_images[:100])
     assert probs.dtype.name == "float32" and abs(float(probs.sum()) - 100) < 1e-2
+
+
+def test_the_precision_flag_reaches_the_recipe(monkeypatch):
+    from click.testing import CliRunner
+
+    from cnnmnist.cli import cli
+
+    seen = {}
+
+    def fake_run(recipe, **kwargs):
+        seen["recipe"] = recipe
+        raise train.CnnmnistError("stop here")
+
+    monkeypatch.setattr(train, "run", fake_run)
+    result = CliRunner().invoke(cli, ["train", "--precision", "bfloat16", "--epochs", "2"])
+    assert result.exit_code == 1 and "stop here" in result.output
+    assert seen["recipe"].precision == "bfloat16" and seen["recipe"].epochs == 2
+    assert seen["recipe"].learning_rate == presets.get("seed").learning_rate

@@ -22,6 +22,15 @@ def cnnmnist(*args, **kwargs):
     return [sys.executable, "-m", "cnnmnist", *args]
 
 
+def start_training(out, mnist_dir):
+    return subprocess.Popen(
+        cnnmnist("train", *SMALL, "--out", str(out), "--data-dir", str(mnist_dir)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def wait_for_epoch(out, epoch, proc, timeout=120):
     state = resume.partial_dir(out) / resume.STATE
     deadline = time.monotonic() + timeout
@@ -56,12 +65,7 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(
     tmp_path, mnist_dir, uninterrupted
 ):
     out = tmp_path / "ckpt"
-    proc = subprocess.Popen(
-        cnnmnist("train", *SMALL, "--out", str(out), "--data-dir", str(mnist_dir)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_training(out, mnist_dir)
     try:
         wait_for_epoch(out, 1, proc)
         time.sleep(0.4)  # into epoch 2
@@ -91,12 +95,7 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(
 
 def test_sigint_stops_cleanly_with_exit_130_and_a_resumable_state(tmp_path, mnist_dir):
     out = tmp_path / "ckpt"
-    proc = subprocess.Popen(
-        cnnmnist("train", *SMALL, "--out", str(out), "--data-dir", str(mnist_dir)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_training(out, mnist_dir)
     try:
         wait_for_epoch(out, 1, proc)
         proc.send_signal(signal.SIGINT)

@@ -149,37 +149,25 @@ def train(
     """
     from cnnmnist import presets
 
-    recipe_flags = {
-        "--preset": preset,
-        "--config": config,
-        "--optimizer": optimizer,
-        "--learning-rate": learning_rate,
-        "--epochs": epochs,
-        "--batch-size": batch_size,
-        "--seed": seed,
-        "--validation-size": validation_size,
-        "--train-size": train_size,
-        "--dataset": dataset,
+    overrides = {
+        "optimizer": optimizer,
+        "learning_rate": learning_rate,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "seed": seed,
+        "validation_size": validation_size,
+        "train_size": train_size,
+        "precision": precision,
     }
-    given = [flag for flag, value in recipe_flags.items() if value is not None]
-    if resume and given:
-        raise UsageError(f"--resume continues the recorded recipe; drop {', '.join(given)}")
-    recipe, options = (
-        (None, {"dataset": None})
-        if resume
-        else presets.resolve(
-            preset,
-            presets.load_config(config) if config else None,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            epochs=epochs,
-            batch_size=batch_size,
-            seed=seed,
-            validation_size=validation_size,
-            train_size=train_size,
-            dataset=dataset,
-        )
-    )
+    if resume:
+        recipe_options = {**overrides, "preset": preset, "config": config, "dataset": dataset}
+        given = [f"--{k.replace('_', '-')}" for k, v in recipe_options.items() if v is not None]
+        if given:
+            raise UsageError(f"--resume continues the recorded recipe; drop {', '.join(given)}")
+        recipe, options = None, {"dataset": None}
+    else:
+        config_values = presets.load_config(config) if config else None
+        recipe, options = presets.resolve(preset, config_values, dataset=dataset, **overrides)
     from cnnmnist import train as training
 
     result = training.run(

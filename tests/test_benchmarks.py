@@ -1,0 +1,78 @@
+"""Every preset trains and exports; the benchmark scripts run end to end in tiny mode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnmnist import checkpoint, presets, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", [p.name for p in presets.all_presets()])
+def test_every_preset_trains_a_few_steps_and_its_signature_works(name, tmp_path, mnist_dir, mnist):
+    recipe = presets.get(name).with_overrides(epochs=1, train_size=300, validation_size=100)
+    result = train.run(recipe, data_dir=mnist_dir, out=tmp_path / "ckpt")
+    ckpt = checkpoint.read(result.checkpoint)
+    assert ckpt.metadata["preset"] == name
+    probs = ckpt.predict(mnist.test_images[:64])
+    assert probs.shape == (64, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_reproduce_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
+    out = tmp_path / "reproduce.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "reproduce.py"),
+            "--tiny",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(mnist_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    names = [row["name"] for row in results["rows"]]
+    assert {"seed-adam", "seed-rmsprop", "seed-layers", "mlp", "best"} <= set(names)
+    for row in results["rows"]:
+        assert set(row) >= {"name", "config", "reference", "runs"}
+        assert (ROOT / row["config"]).exists()
+        assert len(row["runs"]) == 1
+        run = row["runs"][0]
+        assert set(run) >= {"seed", "test_accuracy", "minutes"}
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["minutes"] > 0
+    assert "| seed-adam |" in out.with_suffix(".md").read_text()
+
+
+def test_throughput_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
+    out = tmp_path / "throughput.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "throughput.py"),
+            "--tiny",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(mnist_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    contenders = {"plain_keras_float32", "cnnmnist_float32", "cnnmnist_bfloat16"}
+    assert set(results["images_per_second"]) == contenders
+    assert all(v > 0 for v in results["images_per_second"].values())
+    assert results["ratio_vs_plain_keras"]["plain_keras_float32"] == 1.0
