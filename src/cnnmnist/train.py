@@ -22,14 +22,13 @@ from cnnmnist import resume as resume_state
 from cnnmnist.errors import CheckpointError, CnnmnistError, Interrupted
 from cnnmnist.presets import Preset
 
-DEVICES = ("auto", "cpu", "gpu")
 # A mean cross-entropy this large puts e^-10000 on the true class: the weights have blown up
 # even while the number is still finite (Adam at lr 1000 gets here, then ReLUs die silently).
 EXPLODED_LOSS = 1e4
 
 
 class TrainingDiverged(CnnmnistError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN, infinite, or exploded past EXPLODED_LOSS."""
 
 
 @dataclass
@@ -187,16 +186,10 @@ def float32_twin(net, recipe: Preset):
     Mixed-precision training keeps float32 weights; serving them in float32 is portable
     (bfloat16 kernels exist only on some CPUs), at least as accurate, and convertible to TFLite.
     """
-    import keras
-
     if net.dtype_policy.name == "float32":
         return net
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
+    with global_policy("float32"):
         twin = compile_model(recipe)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     twin.set_weights(net.get_weights())
     return twin
 
@@ -258,25 +251,33 @@ def run(
         )
 
 
+@contextlib.contextmanager
+def global_policy(name: str) -> Iterator[None]:
+    """Keras's dtype policy is a global: set it for the run, then leave it as found."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def _train(recipe, state, dataset, data_dir, out, force, device, tensorboard, live_progress):
     started = time.perf_counter()
     ds = data.load(dataset, data_dir)
 
-    import keras
     import tensorflow as tf
 
     configure_device(device)
-    policy = resolve_precision(
-        recipe.precision, cpu_flags(), bool(tf.config.list_logical_devices("GPU"))
-    )
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        options = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None}
+    has_gpu = bool(tf.config.list_logical_devices("GPU"))
+    policy = resolve_precision(recipe.precision, cpu_flags(), has_gpu)
+    options = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None}
+    with global_policy(policy):
         return _fit_and_write(
             recipe, state, ds, options, out, force, tensorboard, live_progress, started, policy
         )
-    finally:
-        keras.mixed_precision.set_global_policy("float32")  # a global: leave it as found
 
 
 def _fit_and_write(
@@ -330,10 +331,17 @@ def _fit_and_write(
             )
     if keeper.diverged:
         epoch, step, loss = keeper.diverged
+        kept = max(keeper.completed, first_epoch)
         raise TrainingDiverged(
             f"training diverged: the loss became {loss:.4g} at epoch {epoch}, step {step}; "
-            f"try a lower --learning-rate than {recipe.learning_rate:g}. "
-            f"Nothing was written to {out}."
+            f"try a lower --learning-rate than {recipe.learning_rate:g}. Nothing was written "
+            f"to {out}"
+            + (
+                f"; the state after epoch {kept} is kept in {resume_state.partial_dir(out)} "
+                "(delete it to start over)"
+                if kept
+                else ""
+            )
         )
     if keeper.interrupted:
         done = max(keeper.completed, first_epoch)
