@@ -145,6 +145,8 @@ def test_plain_progress_is_one_line_per_epoch(tmp_path, mnist_dir):
             str(mnist_dir),
             "--out",
             str(tmp_path / "c"),
+            "--tensorboard",
+            str(tmp_path / "logs"),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -152,6 +154,7 @@ def test_plain_progress_is_one_line_per_epoch(tmp_path, mnist_dir):
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
     assert "val acc" in lines[0] and "cost" in lines[0]
     assert "test accuracy" in result.stdout
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))  # TensorBoard wrote logs
 
 
 def test_gpu_device_without_a_gpu_fails_clearly(tmp_path, mnist_dir):
@@ -164,3 +167,19 @@ def test_gpu_device_without_a_gpu_fails_clearly(tmp_path, mnist_dir):
         ["train", "--device", "gpu", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "g")],
     )
     assert result.exit_code == 1 and "no GPU" in result.output
+
+
+def test_tensorboard_without_the_package_fails_before_training(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real(name, *a),
+    )
+    result = CliRunner().invoke(
+        cli, ["train", "--tensorboard", str(tmp_path / "tb"), "--out", str(tmp_path / "c")]
+    )
+    assert result.exit_code == 1 and "pip install 'cnnmnist[tensorboard]'" in result.output
+    assert not (tmp_path / "c").exists()

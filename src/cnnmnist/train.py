@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import platform
 import shlex
@@ -226,6 +227,10 @@ def run(
 ) -> TrainResult:
     """Train a recipe (or resume the interrupted run at `out`) and write its checkpoint."""
     out = Path(out)
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise CnnmnistError(
+            "--tensorboard needs the tensorboard package: pip install 'cnnmnist[tensorboard]'"
+        )
     with resume_state.lock(out):
         checkpoint.recover(out)
         state = resume_state.load_state(out)
