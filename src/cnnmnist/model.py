@@ -19,7 +19,13 @@ def build(preset: Preset) -> keras.Model:
     import keras
     from keras import layers
 
-    builders = {"seed": _seed, "seed-layers": _seed_layers, "mlp": _mlp, "best": _best}
+    builders = {
+        "seed": _seed,
+        "seed-layers": _seed_layers,
+        "mlp": _mlp,
+        "best": _best,
+        "fast": _fast,
+    }
     if preset.model not in builders:
         raise ValueError(f"unknown model {preset.model!r}")
     inputs = keras.Input(INPUT_SHAPE, dtype="float32", name="pixels")
@@ -127,6 +133,23 @@ def _best(x):
     x = layers.BatchNormalization(name="dense_bn")(x)
     x = layers.Activation("relu", name="dense_relu")(x)
     return layers.Dropout(0.3, name="dropout3")(x)
+
+
+def _fast(x):
+    from keras import layers
+
+    def conv_bn(x, filters, name):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = layers.Activation("relu", name=f"{name}_relu")(x)
+        return layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+
+    x = conv_bn(x, 32, "conv1")
+    x = conv_bn(x, 64, "conv2")
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, use_bias=False, name="dense")(x)
+    x = layers.BatchNormalization(name="dense_bn")(x)
+    return layers.Activation("relu", name="dense_relu")(x)
 
 
 def learning_rate(peak: float, schedule: str, total_steps: int):
