@@ -212,3 +212,9 @@ def test_preprocessing_gives_28x28_uint8_or_our_error(array):
     except P.ImageError:
         return
     assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
+
+
+def test_a_directory_without_images_is_an_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("no digits here")
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path), "--model", str(tmp_path / "none")])
+    assert result.exit_code == 1 and "no images found in" in result.output

@@ -224,9 +224,13 @@ def predict(
     inputs: list[str], model_dir: Path, top_k: int = 3, stdin: bytes | None = None
 ) -> list[dict[str, Any]]:
     """Predict every input in one batched model call; one result per input, in input order."""
-    prepared = [
-        prepare(source, stdin if source == STDIN else None) for source in expand_inputs(inputs)
-    ]
+    sources = expand_inputs(inputs)
+    if not sources:
+        raise ImageError(
+            f"no images found in {', '.join(inputs)} "
+            f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    prepared = [prepare(source, stdin if source == STDIN else None) for source in sources]
     ready = [p for p in prepared if p.pixels is not None and not _blank(p)]
     model = Model(model_dir)
     probs = model.probabilities(np.stack([p.pixels for p in ready])) if ready else np.zeros((0, 10))
