@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ START, END = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
 
 
 def run_once(config: str, seed: int, tiny: bool, data_dir: Path | None) -> dict:
+    """One `cnnmnist train` in a subprocess: its test accuracy, wall minutes and peak memory."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
@@ -53,17 +55,22 @@ def run_once(config: str, seed: int, tiny: bool, data_dir: Path | None) -> dict:
         ]
         cmd += TINY if tiny else []
         cmd += ["--data-dir", str(data_dir)] if data_dir else []
+        stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        with open(stdout, "w") as out, open(stderr, "w") as err:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
         minutes = (time.perf_counter() - start) / 60
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    report = json.loads(proc.stdout)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({code}):\n{stderr.read_text()[-2000:]}")
+        report = json.loads(stdout.read_text())
     return {
         "seed": seed,
         "test_accuracy": report["test_accuracy"],
         "minutes": round(minutes, 2),
         "epochs": report["epochs"],
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),
     }
 
 

@@ -51,6 +51,7 @@ def test_reproduce_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
         run = row["runs"][0]
         assert set(run) >= {"seed", "test_accuracy", "minutes"}
         assert 0.0 <= run["test_accuracy"] <= 1.0 and run["minutes"] > 0
+        assert run["peak_rss_mb"] > 100  # TensorFlow alone is several hundred MB
     assert "| seed-adam |" in out.with_suffix(".md").read_text()
 
 
