@@ -230,9 +230,9 @@ def predict(
             f"no images found in {', '.join(inputs)} "
             f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
+    model = Model(model_dir)  # a bad checkpoint fails before any image is decoded
     prepared = [prepare(source, stdin if source == STDIN else None) for source in sources]
-    ready = [p for p in prepared if p.pixels is not None and not _blank(p)]
-    model = Model(model_dir)
+    ready = [p for p in prepared if p.pixels is not None and p.pixels.any()]  # blank: no ink
     probs = model.probabilities(np.stack([p.pixels for p in ready])) if ready else np.zeros((0, 10))
     by_id = {id(p): row for p, row in zip(ready, probs, strict=True)}
     results = []
@@ -247,6 +247,7 @@ def predict(
             "warnings": list(p.warnings),
             "error": p.error,
             "engine": model.engine,
+            "pixels": p.pixels,  # what the model saw (for --show; not part of --json)
         }
         if row is not None:
             order = np.argsort(-row, kind="stable")
@@ -259,12 +260,7 @@ def predict(
             if row[order[0]] < LOW_CONFIDENCE:
                 result["warnings"].append(f"low confidence ({row[order[0]]:.0%})")
         results.append(result)
-        result["pixels"] = p.pixels
     return results
-
-
-def _blank(p: Prepared) -> bool:
-    return not p.pixels.any()
 
 
 def mean_abs_change(images: np.ndarray) -> float:
