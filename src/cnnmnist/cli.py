@@ -341,7 +341,7 @@ def predict(inputs, model_dir, top_k, show, as_json) -> None:
     from cnnmnist import predict as prediction
     from cnnmnist.console import out, prediction_table
 
-    stdin = click.get_binary_stream("stdin").read() if prediction.STDIN in inputs else None
+    stdin = sys.stdin.buffer.read() if prediction.STDIN in inputs else None
     results = prediction.predict(list(inputs), model_dir, top_k=top_k, stdin=stdin)
     if as_json:
         _print_json([{k: v for k, v in r.items() if k != "pixels"} for r in results])
