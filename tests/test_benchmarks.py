@@ -24,24 +24,19 @@ def test_every_preset_trains_a_few_steps_and_its_signature_works(name, tmp_path,
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
 
 
-def test_reproduce_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
-    out = tmp_path / "reproduce.json"
+def run_tiny(script, out, mnist_dir):
+    """Run a benchmark script in its tiny mode; its results file, parsed."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--out", str(out)]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "reproduce.py"),
-            "--tiny",
-            "--out",
-            str(out),
-            "--data-dir",
-            str(mnist_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+        [*command, "--data-dir", str(mnist_dir)], capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_reproduce_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
+    out = tmp_path / "reproduce.json"
+    results = run_tiny("reproduce.py", out, mnist_dir)
     names = [row["name"] for row in results["rows"]]
     assert {"seed-adam", "seed-rmsprop", "seed-layers", "mlp", "best"} <= set(names)
     for row in results["rows"]:
@@ -57,22 +52,7 @@ def test_reproduce_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
 
 def test_throughput_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
     out = tmp_path / "throughput.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "throughput.py"),
-            "--tiny",
-            "--out",
-            str(out),
-            "--data-dir",
-            str(mnist_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results = run_tiny("throughput.py", out, mnist_dir)
     contenders = {"plain_keras_float32", "cnnmnist_float32", "cnnmnist_bfloat16"}
     assert set(results["images_per_second"]) == contenders
     assert all(v > 0 for v in results["images_per_second"].values())
