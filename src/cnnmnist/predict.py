@@ -214,10 +214,9 @@ class Model:
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities [N, 10] for uint8/float pixels [N, 28, 28]."""
-        batch = np.asarray(pixels, dtype=np.float32).reshape(-1, 28, 28, 1)
         if self._runner is None:
-            return self.checkpoint.predict(batch)
-        return self._runner(pixels=batch)["probabilities"]
+            return self.checkpoint.predict(pixels)
+        return checkpoint.tflite_probabilities(self._runner, pixels)
 
 
 def predict(
