@@ -96,7 +96,7 @@ def main() -> None:
         "machine": {
             "python": platform.python_version(),
             "processor": platform.processor(),
-            "bf16": sorted(train.cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+            "bf16": sorted(train.cpu_flags() & train.NATIVE_BF16),
         },
         "versions": {"keras": keras.__version__},
     }

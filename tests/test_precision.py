@@ -35,7 +35,7 @@ def test_chapter_presets_stay_float32():
 
 
 def test_bfloat16_run_learns_and_exports_float32_probabilities(tmp_path, mnist_dir, mnist):
-    if not train.cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if not train.cpu_flags() & train.NATIVE_BF16:
         pytest.skip("this CPU has no native bfloat16")
     import keras
 

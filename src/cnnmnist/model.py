@@ -106,6 +106,24 @@ def tf1_rmsprop() -> type:
     return TF1RMSprop
 
 
+def _conv_bn(x, filters: int, name: str):
+    """Conv 3x3 SAME without bias, batch norm, ReLU (the `best` and `fast` building block)."""
+    from keras import layers
+
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def _dense_bn(x, units: int):
+    """Dense without bias, batch norm, ReLU."""
+    from keras import layers
+
+    x = layers.Dense(units, use_bias=False, name="dense")(x)
+    x = layers.BatchNormalization(name="dense_bn")(x)
+    return layers.Activation("relu", name="dense_relu")(x)
+
+
 def _best(x):
     from keras import layers
 
@@ -114,42 +132,25 @@ def _best(x):
     x = layers.RandomRotation(10 / 360, fill_mode="constant", dtype="float32", name="rotate")(x)
     x = layers.RandomTranslation(0.1, 0.1, fill_mode="constant", dtype="float32", name="shift")(x)
     x = layers.RandomZoom(0.1, fill_mode="constant", dtype="float32", name="zoom")(x)
-
-    def conv_bn(x, filters, name):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
-        return layers.Activation("relu", name=f"{name}_relu")(x)
-
-    x = conv_bn(x, 32, "conv1")
-    x = conv_bn(x, 32, "conv2")
+    x = _conv_bn(x, 32, "conv1")
+    x = _conv_bn(x, 32, "conv2")
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = layers.Dropout(0.1, name="dropout1")(x)
-    x = conv_bn(x, 64, "conv3")
-    x = conv_bn(x, 64, "conv4")
+    x = _conv_bn(x, 64, "conv3")
+    x = _conv_bn(x, 64, "conv4")
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = layers.Dropout(0.2, name="dropout2")(x)
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(256, use_bias=False, name="dense")(x)
-    x = layers.BatchNormalization(name="dense_bn")(x)
-    x = layers.Activation("relu", name="dense_relu")(x)
-    return layers.Dropout(0.3, name="dropout3")(x)
+    return layers.Dropout(0.3, name="dropout3")(_dense_bn(x, 256))
 
 
 def _fast(x):
     from keras import layers
 
-    def conv_bn(x, filters, name):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
-        x = layers.Activation("relu", name=f"{name}_relu")(x)
-        return layers.MaxPooling2D(2, name=f"{name}_pool")(x)
-
-    x = conv_bn(x, 32, "conv1")
-    x = conv_bn(x, 64, "conv2")
+    x = layers.MaxPooling2D(2, name="conv1_pool")(_conv_bn(x, 32, "conv1"))
+    x = layers.MaxPooling2D(2, name="conv2_pool")(_conv_bn(x, 64, "conv2"))
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(128, use_bias=False, name="dense")(x)
-    x = layers.BatchNormalization(name="dense_bn")(x)
-    return layers.Activation("relu", name="dense_relu")(x)
+    return _dense_bn(x, 128)
 
 
 def learning_rate(peak: float, schedule: str, total_steps: int):

@@ -26,6 +26,7 @@ from cnnmnist.presets import Preset
 # A mean cross-entropy this large puts e^-10000 on the true class: the weights have blown up
 # even while the number is still finite (Adam at lr 1000 gets here, then ReLUs die silently).
 EXPLODED_LOSS = 1e4
+NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags of native bfloat16 math
 
 
 class TrainingDiverged(CnnmnistError):
@@ -79,7 +80,7 @@ def resolve_precision(choice: str, flags: set[str], has_gpu: bool) -> str:
     if choice == "auto":
         if has_gpu:
             return "mixed_float16"
-        return "mixed_bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+        return "mixed_bfloat16" if flags & NATIVE_BF16 else "float32"
     return {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[choice]
 
 
