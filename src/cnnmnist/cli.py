@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from cnnmnist import __version__
+from cnnmnist.distribute import STRATEGIES
 from cnnmnist.errors import CnnmnistError, Interrupted, UsageError
 from cnnmnist.presets import DATASETS, OPTIMIZERS, PRECISIONS
 
@@ -116,6 +117,20 @@ def cli() -> None:
     "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
 )
 @click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default="auto",
+    show_default=True,
+    help="tf.distribute strategy. auto: mirrored over all GPUs when there are several, "
+    "else one device. multi-worker: the cluster in TF_CONFIG; every worker runs the same "
+    "command, worker 0 (or the chief) writes --out. --batch-size is the global batch.",
+)
+@click.option(
+    "--devices",
+    default=None,
+    help="Comma-separated devices for one-device/mirrored, e.g. /gpu:0,/gpu:1.",
+)
+@click.option(
     "--tensorboard",
     type=click.Path(path_type=Path),
     default=None,
@@ -139,6 +154,8 @@ def train(
     force,
     resume,
     device,
+    strategy,
+    devices,
     tensorboard,
     as_json,
 ) -> None:
@@ -178,14 +195,20 @@ def train(
         force=force,
         resume=resume,
         device=device,
+        strategy=strategy,
+        devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
         tensorboard=tensorboard,
     )
     if as_json:
         _print_json(result.to_json())
     else:
+        written = (
+            result.checkpoint
+            or f"worker {result.worker.index} of {result.worker.workers}: the chief writes it"
+        )
         click.echo(
             f"test accuracy {result.test_accuracy:.4f}  loss {result.test_loss:.4f}  "
-            f"({result.epochs} epochs, {result.seconds:.1f} s) -> {result.checkpoint}"
+            f"({result.epochs} epochs, {result.seconds:.1f} s) -> {written}"
         )
 
 

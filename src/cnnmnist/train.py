@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import platform
 import shlex
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnmnist import __version__, checkpoint, data
+from cnnmnist import __version__, checkpoint, data, distribute
 from cnnmnist import resume as resume_state
 from cnnmnist.errors import CheckpointError, CnnmnistError, Interrupted
 from cnnmnist.presets import Preset
@@ -26,6 +28,9 @@ from cnnmnist.presets import Preset
 # A mean cross-entropy this large puts e^-10000 on the true class: the weights have blown up
 # even while the number is still finite (Adam at lr 1000 gets here, then ReLUs die silently).
 EXPLODED_LOSS = 1e4
+# Training steps per tf.function call: fewer Python round trips, while Ctrl-C, the divergence
+# check and the progress bar still react within a fraction of a second.
+CHUNK = 10
 NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags of native bfloat16 math
 
 
@@ -37,7 +42,7 @@ class TrainingDiverged(CnnmnistError):
 class TrainResult:
     """What a finished run produced (the in-memory model is kept for callers and tests)."""
 
-    checkpoint: Path
+    checkpoint: Path | None  # None on a multi-worker run's other workers: the chief writes
     preset: str
     epochs: int
     test_accuracy: float
@@ -45,17 +50,19 @@ class TrainResult:
     history: list[dict[str, Any]]
     seconds: float
     model: Any = field(default=None, repr=False)
+    worker: distribute.Role = field(default_factory=distribute.Role)
 
     def to_json(self) -> dict[str, Any]:
         """The --json report."""
         return {
-            "checkpoint": str(self.checkpoint),
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "preset": self.preset,
             "epochs": self.epochs,
             "test_accuracy": self.test_accuracy,
             "test_loss": self.test_loss,
             "history": self.history,
             "seconds": round(self.seconds, 3),
+            "worker": {"index": self.worker.index, "of": self.worker.workers},
         }
 
 
@@ -98,42 +105,6 @@ def configure_device(device: str) -> None:
         return
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
-
-
-def pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, epochs: range):
-    """tf.data batches of (float32 pixels, int32 labels), reshuffled per epoch from (seed, epoch).
-
-    The order of epoch e depends only on (seed, e), so a run resumed at epoch e sees exactly
-    the batches an uninterrupted run would. Images stay uint8 in memory; batches are cast.
-    """
-    import tensorflow as tf
-
-    x = tf.constant(images.reshape(-1, 28, 28, 1))
-    y = tf.constant(labels.astype(np.int32))
-    n = len(images)
-
-    def epoch_batches(epoch):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
-        )
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
-
-    ds = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches)
-    return ds.map(
-        lambda idx: (tf.cast(tf.gather(x, idx), tf.float32), tf.gather(y, idx)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    ).prefetch(tf.data.AUTOTUNE)
-
-
-def fixed_batches(images: np.ndarray, labels: np.ndarray, batch_size: int = 1000):
-    """Unshuffled tf.data batches for evaluation."""
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices(
-        (images.reshape(-1, 28, 28, 1), labels.astype(np.int32))
-    )
-    return ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
 
 
 def safekeeping(save_epoch):
@@ -182,16 +153,20 @@ def sigint_to(keeper) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def float32_twin(net, recipe: Preset):
-    """The trained model computing in float32: what the checkpoint serves and is tested as.
+def served_model(net, recipe: Preset, distributed: bool):
+    """The trained model as the checkpoint serves it: float32, on no distribution strategy.
 
     Mixed-precision training keeps float32 weights; serving them in float32 is portable
-    (bfloat16 kernels exist only on some CPUs), at least as accurate, and convertible to TFLite.
+    (bfloat16 kernels exist only on some CPUs), at least as accurate, and convertible to
+    TFLite. A model trained under a strategy is copied out of it, so the export is the same
+    as a single-process run's.
     """
-    if net.dtype_policy.name == "float32":
+    from cnnmnist import model as models
+
+    if net.dtype_policy.name == "float32" and not distributed:
         return net
     with global_policy("float32"):
-        twin = compile_model(recipe)
+        twin = models.build(recipe)
     twin.set_weights(net.get_weights())
     return twin
 
@@ -223,6 +198,8 @@ def run(
     force: bool = False,
     resume: bool = False,
     device: str = "auto",
+    strategy: str = "auto",
+    devices: tuple[str, ...] = (),
     tensorboard: Path | None = None,
     live_progress: bool | None = None,
 ) -> TrainResult:
@@ -232,18 +209,38 @@ def run(
         raise CnnmnistError(
             "--tensorboard needs the tensorboard package: pip install 'cnnmnist[tensorboard]'"
         )
+    role = distribute.role(strategy)  # a bad TF_CONFIG fails here, before TensorFlow loads
+    run = functools.partial(
+        _train,
+        recipe,
+        dataset=dataset,
+        data_dir=data_dir,
+        device=device,
+        strategy=strategy,
+        devices=devices,
+        role=role,
+        live_progress=live_progress,
+    )
+    if not role.chief:
+        # The other workers compute every step with the chief but write only to a scratch
+        # directory, deleted at the end; a resumed run reads the chief's state (shared storage).
+        state = resume_state.load_state(out) if resume else None
+        if resume and state is None:
+            raise CnnmnistError(
+                f"{resume_state.partial_dir(out)}: worker {role.index} cannot see the "
+                "interrupted run; a multi-worker --resume needs --out on storage that every "
+                "worker can read"
+            )
+        with tempfile.TemporaryDirectory(prefix="cnnmnist-worker-") as scratch:
+            return run(state, source=out, out=Path(scratch) / out.name, force=True)
     with resume_state.lock(out):
         checkpoint.recover(out)
         state = resume_state.load_state(out)
-        if resume:
-            if state is None:
-                raise CnnmnistError(
-                    f"{resume_state.partial_dir(out)}: no interrupted run to resume here"
-                )
-            recipe = Preset(**state["recipe"])
-            dataset = state["options"]["dataset"]
-            data_dir = data_dir or state["options"]["data_dir"]
-        elif state is not None:
+        if resume and state is None:
+            raise CnnmnistError(
+                f"{resume_state.partial_dir(out)}: no interrupted run to resume here"
+            )
+        if state is not None and not resume:
             raise CnnmnistError(
                 f"{resume_state.partial_dir(out)}: holds an interrupted run (epoch "
                 f"{state['epoch']} of {state['recipe']['epochs']}); continue it with "
@@ -252,9 +249,7 @@ def run(
             )
         if out.exists() and not force:  # fail before minutes of training, not after
             raise CheckpointError(f"{out}: already exists; pass --force to replace it")
-        return _train(
-            recipe, state, dataset, data_dir, out, force, device, tensorboard, live_progress
-        )
+        return run(state, source=out, out=out, force=force, tensorboard=tensorboard)
 
 
 @contextlib.contextmanager
@@ -270,143 +265,201 @@ def global_policy(name: str) -> Iterator[None]:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _train(recipe, state, dataset, data_dir, out, force, device, tensorboard, live_progress):
+def _train(
+    recipe: Preset | None,
+    state: dict[str, Any] | None,
+    *,
+    source: Path,
+    out: Path,
+    force: bool,
+    dataset: str,
+    data_dir: Path | None,
+    device: str,
+    strategy: str,
+    devices: tuple[str, ...],
+    role: distribute.Role,
+    live_progress: bool | None,
+    tensorboard: Path | None = None,
+) -> TrainResult:
+    """Train (from `source`'s resume state, if any) and write the checkpoint to `out`."""
     started = time.perf_counter()
+    if state:
+        recipe = Preset(**state["recipe"])
+        dataset = state["options"]["dataset"]
+        data_dir = data_dir or state["options"]["data_dir"]
     ds = data.load(dataset, data_dir)
 
     import tensorflow as tf
 
     configure_device(device)
+    engine = distribute.strategy(strategy, devices)  # before any op: multi-worker needs that
     has_gpu = bool(tf.config.list_logical_devices("GPU"))
     policy = resolve_precision(recipe.precision, cpu_flags(), has_gpu)
     options = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None}
+    run = Run(recipe, state, source, out, force, engine, role, policy, options, started)
     with global_policy(policy):
-        return _fit_and_write(
-            recipe, state, ds, options, out, force, tensorboard, live_progress, started, policy
+        return run.fit_and_write(ds, tensorboard, live_progress)
+
+
+@dataclass
+class Run:
+    """One training run's settings, from the model to the written checkpoint."""
+
+    recipe: Preset
+    state: dict[str, Any] | None
+    source: Path  # where the resume state was read
+    out: Path  # where this process writes (a scratch directory on workers other than the chief)
+    force: bool
+    strategy: Any
+    role: distribute.Role
+    policy: str
+    options: dict[str, Any]
+    started: float
+
+    def fit_and_write(self, ds, tensorboard: Path | None, live: bool | None) -> TrainResult:
+        """Fit, evaluate on the test set, write the checkpoint, drop the resume state."""
+        import keras
+
+        from cnnmnist import loop
+        from cnnmnist.console import progress_callback
+
+        recipe, out, strategy = self.recipe, self.out, self.strategy
+        keras.utils.set_random_seed(recipe.seed)
+        x_train, y_train = ds.split("train", recipe.validation_size)
+        if recipe.train_size:
+            x_train, y_train = x_train[: recipe.train_size], y_train[: recipe.train_size]
+        replicas = strategy.num_replicas_in_sync
+        steps = loop.steps_per_epoch(len(x_train), recipe.batch_size, replicas)
+        first_epoch = self.state["epoch"] if self.state else 0
+        with strategy.scope():
+            net = (
+                resume_state.restore(self.source, self.state)
+                if self.state
+                else compile_model(recipe, steps)
+            )
+            trainer = loop.Loop(net, strategy, recipe.batch_size, chunk=CHUNK)
+        progress = progress_callback(recipe.epochs, steps, live=live)
+        progress.history = list(self.state["history"]) if self.state else []
+        keeper = safekeeping(
+            lambda epoch: resume_state.save(net, out, epoch, progress.history, recipe, self.options)
+        )
+        callbacks = [progress, keeper]  # progress first: the saved history includes this epoch
+        if tensorboard:
+            callbacks.append(
+                keras.callbacks.TensorBoard(log_dir=str(tensorboard), write_graph=False)
+            )
+        validation = (
+            ds.split("validation", recipe.validation_size) if recipe.validation_size else None
+        )
+        if first_epoch < recipe.epochs:
+            with sigint_to(keeper):
+                trainer.fit(
+                    lambda context: loop.training_batches(
+                        x_train,
+                        y_train,
+                        recipe.batch_size,
+                        recipe.seed,
+                        range(first_epoch, recipe.epochs),
+                        loop.Shard.of(context),
+                    ),
+                    range(first_epoch, recipe.epochs),
+                    steps,
+                    keras.callbacks.CallbackList(callbacks, model=net),
+                    validation,
+                )
+        self._check_stopped(keeper, first_epoch)
+        served = served_model(net, recipe, distributed=replicas > 1 or self.role.workers > 1)
+        test_loss, test_accuracy = loop.Evaluation(served, _default_strategy())(
+            ds.test_images, ds.test_labels
+        )
+        metadata = self._metadata(ds, len(x_train), progress.history, test_loss, test_accuracy)
+        checkpoint.write(
+            net, out, metadata, overwrite=self.force, check_images=ds.test_images, served=served
+        )
+        resume_state.discard(out)
+        return TrainResult(
+            checkpoint=out if self.role.chief else None,
+            preset=recipe.name,
+            epochs=recipe.epochs,
+            test_accuracy=test_accuracy,
+            test_loss=test_loss,
+            history=progress.history,
+            seconds=time.perf_counter() - self.started,
+            model=net,
+            worker=self.role,
         )
 
+    def _check_stopped(self, keeper, first_epoch: int) -> None:
+        """Raise if training stopped early: diverged, or interrupted by Ctrl-C."""
+        recipe, out = self.recipe, self.source
+        done = max(keeper.completed, first_epoch)
+        if keeper.diverged:
+            epoch, step, loss = keeper.diverged
+            raise TrainingDiverged(
+                f"training diverged: the loss became {loss:.4g} at epoch {epoch}, step {step}; "
+                f"try a lower --learning-rate than {recipe.learning_rate:g}. Nothing was "
+                f"written to {out}"
+                + (
+                    f"; the state after epoch {done} is kept in {resume_state.partial_dir(out)} "
+                    "(delete it to start over)"
+                    if done
+                    else ""
+                )
+            )
+        if keeper.interrupted:
+            where = (
+                f"after epoch {done} of {recipe.epochs}" if done else "before the first epoch ended"
+            )
+            raise Interrupted(
+                f"interrupted {where}; continue with: cnnmnist train --resume --out "
+                f"{shlex.quote(str(out))}"
+            )
 
-def _fit_and_write(
-    recipe, state, ds, options, out, force, tensorboard, live_progress, started, policy
-):
-    import keras
+    def _metadata(self, ds, train_size, history, test_loss, test_accuracy) -> dict[str, Any]:
+        """What cnnmnist.json records about the run."""
+        import keras
+        import tensorflow as tf
+
+        recipe = self.recipe
+        return {
+            "preset": recipe.name,
+            "hyperparameters": recipe.hyperparameters(),
+            "dtype_policy": self.policy,
+            "seed": recipe.seed,
+            "distribution": {
+                "strategy": type(self.strategy).__name__,
+                "replicas": self.strategy.num_replicas_in_sync,
+                "workers": self.role.workers,
+            },
+            "dataset": {
+                "name": ds.name,
+                "source": str(ds.source),
+                "checksums": ds.checksums,
+                "train_size": train_size,
+                "validation_size": recipe.validation_size,
+                "test_size": len(ds.test_images),
+            },
+            "history": history,
+            "test": {"accuracy": test_accuracy, "loss": test_loss, "n": len(ds.test_images)},
+            "reference_accuracy": recipe.reference_accuracy,
+            "versions": {
+                "cnnmnist": __version__,
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+                "numpy": np.__version__,
+                "python": platform.python_version(),
+            },
+            "training_seconds": round(time.perf_counter() - self.started, 3),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "signature": {
+                "name": checkpoint.SIGNATURE,
+                "input": "pixels: float32 [N, 28, 28, 1], raw values 0..255, white digit on black",
+                "output": "probabilities: float32 [N, 10]",
+            },
+        }
+
+
+def _default_strategy():
     import tensorflow as tf
 
-    from cnnmnist.console import progress_callback
-
-    keras.utils.set_random_seed(recipe.seed)
-    x_train, y_train = ds.split("train", recipe.validation_size)
-    if recipe.train_size:
-        x_train, y_train = x_train[: recipe.train_size], y_train[: recipe.train_size]
-    if len(x_train) == 0:
-        raise CnnmnistError(f"validation_size {recipe.validation_size} leaves no training images")
-    steps = math.ceil(len(x_train) / recipe.batch_size)
-    first_epoch = state["epoch"] if state else 0
-    val_ds = (
-        fixed_batches(*ds.split("validation", recipe.validation_size))
-        if recipe.validation_size
-        else None
-    )
-
-    net = resume_state.restore(out, state) if state else compile_model(recipe, steps)
-    progress = progress_callback(recipe.epochs, steps, live=live_progress)
-    progress.history = list(state["history"]) if state else []
-    keeper = safekeeping(
-        lambda epoch: resume_state.save(net, out, epoch, progress.history, recipe, options)
-    )
-    callbacks = [progress, keeper]  # progress first: the saved history includes this epoch
-    if tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard)))
-    if first_epoch < recipe.epochs:
-        with sigint_to(keeper):
-            net.fit(
-                pipeline(
-                    x_train,
-                    y_train,
-                    recipe.batch_size,
-                    recipe.seed,
-                    range(first_epoch, recipe.epochs),
-                ),
-                epochs=recipe.epochs,
-                initial_epoch=first_epoch,
-                steps_per_epoch=steps,
-                validation_data=val_ds,
-                callbacks=callbacks,
-                shuffle=False,  # the pipeline already shuffles, reproducibly
-                verbose=0,
-            )
-    if keeper.diverged:
-        epoch, step, loss = keeper.diverged
-        kept = max(keeper.completed, first_epoch)
-        raise TrainingDiverged(
-            f"training diverged: the loss became {loss:.4g} at epoch {epoch}, step {step}; "
-            f"try a lower --learning-rate than {recipe.learning_rate:g}. Nothing was written "
-            f"to {out}"
-            + (
-                f"; the state after epoch {kept} is kept in {resume_state.partial_dir(out)} "
-                "(delete it to start over)"
-                if kept
-                else ""
-            )
-        )
-    if keeper.interrupted:
-        done = max(keeper.completed, first_epoch)
-        where = f"after epoch {done} of {recipe.epochs}" if done else "before the first epoch ended"
-        raise Interrupted(
-            f"interrupted {where}; continue with: cnnmnist train --resume --out "
-            f"{shlex.quote(str(out))}"
-        )
-    served = float32_twin(net, recipe)
-    test_loss, test_accuracy = served.evaluate(
-        fixed_batches(ds.test_images, ds.test_labels), verbose=0
-    )
-    seconds = time.perf_counter() - started
-    metadata = {
-        "preset": recipe.name,
-        "hyperparameters": recipe.hyperparameters(),
-        "dtype_policy": policy,
-        "seed": recipe.seed,
-        "dataset": {
-            "name": ds.name,
-            "source": str(ds.source),
-            "checksums": ds.checksums,
-            "train_size": len(x_train),
-            "validation_size": recipe.validation_size,
-            "test_size": len(ds.test_images),
-        },
-        "history": progress.history,
-        "test": {
-            "accuracy": float(test_accuracy),
-            "loss": float(test_loss),
-            "n": len(ds.test_images),
-        },
-        "reference_accuracy": recipe.reference_accuracy,
-        "versions": {
-            "cnnmnist": __version__,
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
-        "training_seconds": round(seconds, 3),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "signature": {
-            "name": checkpoint.SIGNATURE,
-            "input": "pixels: float32 [N, 28, 28, 1], raw values 0..255, white digit on black",
-            "output": "probabilities: float32 [N, 10]",
-        },
-    }
-    checkpoint.write(
-        net, out, metadata, overwrite=force, check_images=ds.test_images, served=served
-    )
-    resume_state.discard(out)
-    return TrainResult(
-        checkpoint=out,
-        preset=recipe.name,
-        epochs=recipe.epochs,
-        test_accuracy=float(test_accuracy),
-        test_loss=float(test_loss),
-        history=progress.history,
-        seconds=time.perf_counter() - started,
-        model=net,
-    )
+    return tf.distribute.get_strategy()
