@@ -69,3 +69,29 @@ def test_the_precision_flag_reaches_the_recipe(monkeypatch):
     assert result.exit_code == 1 and "stop here" in result.output
     assert seen["recipe"].precision == "bfloat16" and seen["recipe"].epochs == 2
     assert seen["recipe"].learning_rate == presets.get("seed").learning_rate
+
+
+def test_the_gpu_path_float16_loss_scaling_and_xla_learns_on_cpu(mnist):
+    """What a GPU gets (mixed float16 with loss scaling, the step compiled by XLA), run on
+    this CPU for correctness: 100 steps of the mlp must learn like float32 does (~93%)."""
+    import keras
+    import tensorflow as tf
+
+    from cnnmnist import loop
+
+    recipe = presets.get("mlp")
+    x, y = mnist.split("train", 5000)
+    with train.global_policy("mixed_float16"):
+        net = train.compile_model(recipe, 100)
+        assert isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer)
+        net.jit_compile = True  # Keras's choice on a GPU; on a CPU it says False
+        trainer = loop.Loop(net, tf.distribute.get_strategy(), 100, chunk=train.CHUNK)
+        trainer.fit(
+            lambda context: loop.training_batches(x[:10000], y[:10000], 100, 0, range(1)),
+            range(1),
+            100,
+            keras.callbacks.CallbackList([], model=net),
+        )
+        loss, accuracy = trainer.evaluate(*mnist.split("validation", 5000))
+    assert net.optimizer.iterations.numpy() == 100
+    assert accuracy > 0.85 and loss < 0.6  # chance: 10%, loss 2.3
