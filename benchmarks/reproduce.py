@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reproduce.json"
@@ -55,22 +54,14 @@ def run_once(config: str, seed: int, tiny: bool, data_dir: Path | None) -> dict:
         ]
         cmd += TINY if tiny else []
         cmd += ["--data-dir", str(data_dir)] if data_dir else []
-        stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        start = time.perf_counter()
-        with open(stdout, "w") as out, open(stderr, "w") as err:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
-        minutes = (time.perf_counter() - start) / 60
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed ({code}):\n{stderr.read_text()[-2000:]}")
-        report = json.loads(stdout.read_text())
+        run = timed(cmd)
+        report = json.loads(run.stdout)
     return {
         "seed": seed,
         "test_accuracy": report["test_accuracy"],
-        "minutes": round(minutes, 2),
+        "minutes": round(run.seconds / 60, 2),
         "epochs": report["epochs"],
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "peak_rss_mb": run.peak_rss_mb,
     }
 
 

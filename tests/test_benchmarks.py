@@ -57,3 +57,13 @@ def test_throughput_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
     assert set(results["images_per_second"]) == contenders
     assert all(v > 0 for v in results["images_per_second"].values())
     assert results["ratio_vs_plain_keras"]["plain_keras_float32"] == 1.0
+
+
+def test_wallclock_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
+    results = run_tiny("wallclock.py", tmp_path / "wallclock.json", mnist_dir)
+    (fast,) = results["fast"]["runs"]
+    assert fast["args"][:2] == ["--preset", "fast"]
+    assert 0.0 <= fast["test_accuracy"] <= 1.0 and fast["seconds"] > 0
+    assert results["seed_run"]["peak_rss_mb"] > 100  # TensorFlow alone is several hundred MB
+    assert len(results["help_seconds"]["runs"]) == 5
+    assert results["fast"]["met"] == (fast["test_accuracy"] >= 0.99 and fast["seconds"] <= 30)

@@ -231,12 +231,12 @@ register(
 register(
     Preset(
         name="fast",
-        description="99% in seconds: 2 conv layers with batch norm, one-cycle Adam at batch "
-        "256, 3 epochs on all 60,000 training images, bfloat16 where fast",
+        description="99% in seconds: 2 small conv layers (16, 32) with batch norm, one-cycle "
+        "Adam at batch 256, 2 epochs on all 60,000 training images, bfloat16 where fast",
         model="fast",
         optimizer="adam",
         learning_rate=5e-3,
-        epochs=3,
+        epochs=2,
         batch_size=256,
         validation_size=0,
         precision="auto",
