@@ -108,8 +108,9 @@ def configure_device(device: str) -> None:
 
 
 def safekeeping(save_epoch):
-    """A callback that stops at the first non-finite loss or a Ctrl-C, at a batch boundary,
-    and otherwise calls save_epoch(epoch) after every completed epoch."""
+    """A callback that stops at the first non-finite loss or a Ctrl-C (at the end of the
+    running chunk of CHUNK steps), and otherwise calls save_epoch(epoch) after every
+    completed epoch."""
     import keras
 
     class Safekeeping(keras.callbacks.Callback):
@@ -137,7 +138,7 @@ def safekeeping(save_epoch):
 
 @contextlib.contextmanager
 def sigint_to(keeper) -> Iterator[None]:
-    """The first Ctrl-C asks training to stop at the next batch; a second one aborts at once."""
+    """The first Ctrl-C asks training to stop within CHUNK steps; a second one aborts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -172,7 +173,8 @@ def served_model(net, recipe: Preset, distributed: bool):
 
 
 def compile_model(recipe: Preset, steps_per_epoch: int = 1):
-    """Build and compile the preset's model (loss on logits, accuracy metric)."""
+    """Build and compile the preset's model: the loop trains with its optimizer, and the
+    compile settings travel in model.keras so that --resume restores the optimizer."""
     import keras
 
     from cnnmnist import model as models
