@@ -106,21 +106,18 @@ def tf1_rmsprop() -> type:
     return TF1RMSprop
 
 
-def _conv_bn(x, filters: int, name: str, momentum: float = 0.99):
-    """Conv 3x3 SAME without bias, batch norm, ReLU (the `best` and `fast` building block).
-
-    `momentum` is the batch norm's moving-average decay: its statistics need a few times
-    1 / (1 - momentum) steps to settle, so a run of a few hundred steps needs 0.9.
-    """
+def _conv_bn(x, filters: int, name: str):
+    """Conv 3x3 SAME without bias, batch norm, ReLU (the `best` building block)."""
     from keras import layers
 
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
-    x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
 def _dense_bn(x, units: int, momentum: float = 0.99):
-    """Dense without bias, batch norm, ReLU."""
+    """Dense without bias, batch norm, ReLU. Batch norm statistics need a few times
+    1 / (1 - momentum) steps to settle: a run of a few hundred steps needs 0.9."""
     from keras import layers
 
     x = layers.Dense(units, use_bias=False, name="dense")(x)
@@ -151,10 +148,14 @@ def _best(x):
 def _fast(x):
     from keras import layers
 
-    # Small on purpose (16 and 32 filters: a quarter of the `seed` convolutions' work), and
-    # batch norm with momentum 0.9, whose statistics settle within the run's 430 steps.
-    x = layers.MaxPooling2D(2, name="conv1_pool")(_conv_bn(x, 16, "conv1", momentum=0.9))
-    x = layers.MaxPooling2D(2, name="conv2_pool")(_conv_bn(x, 32, "conv2", momentum=0.9))
+    # Pooling before batch norm: the normalisation and ReLU then run on a quarter of the
+    # pixels, which halved the time of an epoch here at the same validation accuracy.
+    # Momentum 0.9: the statistics settle within the run's 468 steps (0.99 does not).
+    for filters, name in ((32, "conv1"), (32, "conv2")):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+        x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+        x = layers.Activation("relu", name=f"{name}_relu")(x)
     x = layers.Flatten(name="flatten")(x)
     return _dense_bn(x, 128, momentum=0.9)
 
