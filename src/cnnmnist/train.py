@@ -29,7 +29,7 @@ from cnnmnist.presets import Preset
 # even while the number is still finite (Adam at lr 1000 gets here, then ReLUs die silently).
 EXPLODED_LOSS = 1e4
 # Training steps per tf.function call (Keras calls it steps_per_execution): fewer Python
-# round trips (measured +5-10% over 1 step per call on the reference model), while Ctrl-C,
+# round trips (measured +5-12% over 1 step per call on the reference model), while Ctrl-C,
 # the divergence check and the progress bar still react within about a second.
 CHUNK = 50
 NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags of native bfloat16 math
