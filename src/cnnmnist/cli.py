@@ -77,7 +77,12 @@ def cli() -> None:
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None)
 @click.option("--learning-rate", type=float, default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Global batch: split over the replicas when training is distributed.",
+)
 @click.option("--seed", type=int, default=None, help="Same seed, same machine: same result.")
 @click.option(
     "--validation-size",
@@ -123,7 +128,9 @@ def cli() -> None:
     show_default=True,
     help="tf.distribute strategy. auto: mirrored over all GPUs when there are several, "
     "else one device. multi-worker: the cluster in TF_CONFIG; every worker runs the same "
-    "command, worker 0 (or the chief) writes --out. --batch-size is the global batch.",
+    "command and reads a disjoint shard of the data; worker 0 (or the chief) writes --out, "
+    "the others write nothing you see. --batch-size is the global batch, split over all "
+    "replicas.",
 )
 @click.option(
     "--devices",
