@@ -105,7 +105,7 @@ def training_batches(
 
     x, y = _tensors(images, labels)
     n = len(images)
-    steps = n // global_batch
+    steps = steps_per_epoch(n, global_batch, shard.replicas)
 
     def epoch_rows(epoch):
         order = tf.random.experimental.stateless_shuffle(

@@ -371,7 +371,7 @@ class Run:
                     validation,
                 )
         self._check_stopped(keeper, first_epoch)
-        served = served_model(net, recipe, distributed=replicas > 1 or self.role.workers > 1)
+        served = served_model(net, recipe, distributed=strategy is not _default_strategy())
         test_loss, test_accuracy = loop.Evaluation(served, _default_strategy())(
             ds.test_images, ds.test_labels
         )
