@@ -59,6 +59,8 @@ def test_overrides_replace_only_given_fields():
         ({"epochs": "3"}, "epochs must be int"),
         ({"batch_size": True}, "batch_size must be int"),
         ({"model": "mlp"}, "cannot override model"),
+        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
+        ({"label_smoothing": -0.1}, r"label_smoothing must be in \[0, 1\)"),
     ],
 )
 def test_bad_overrides_are_usage_errors(change, message):

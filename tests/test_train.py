@@ -183,3 +183,40 @@ def test_tensorboard_without_the_package_fails_before_training(tmp_path, monkeyp
     )
     assert result.exit_code == 1 and "pip install 'cnnmnist[tensorboard]'" in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_label_smoothing_trains_against_the_smoothed_target(mnist):
+    """One SGD step of the loop with label smoothing 0.1 equals one by hand against
+    Keras's CategoricalCrossentropy(label_smoothing=0.1); with 0 it is plain cross-entropy."""
+    import keras
+    import tensorflow as tf
+
+    from cnnmnist import loop
+
+    x, y = mnist.split("train", 5000)
+    recipe = presets.get("mlp").with_overrides(optimizer="sgd", learning_rate=0.5)
+    batch_x, batch_y = next(iter(loop.training_batches(x[:1000], y[:1000], 100, 0, range(1))))
+    for smoothing in (0.1, 0.0):
+        keras.utils.set_random_seed(0)  # the same start both times: only the target differs
+        net = train.compile_model(recipe)
+        by_hand = keras.models.clone_model(net)
+        by_hand.set_weights(net.get_weights())
+        trainer = loop.Loop(net, tf.distribute.get_strategy(), 100, 1, label_smoothing=smoothing)
+        trainer.fit(
+            lambda context: loop.training_batches(x[:1000], y[:1000], 100, 0, range(1)),
+            range(1),
+            1,
+            keras.callbacks.CallbackList([], model=net),
+        )
+        target = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing)
+        with tf.GradientTape() as tape:
+            loss = target(tf.one_hot(batch_y, 10), by_hand(batch_x, training=True))
+        grads = tape.gradient(loss, by_hand.trainable_variables)
+        for w, g, trained_w in zip(
+            by_hand.trainable_variables, grads, net.trainable_variables, strict=True
+        ):
+            np.testing.assert_allclose(trained_w.numpy(), w.numpy() - 0.5 * g.numpy(), atol=2e-6)
+        if smoothing:
+            smoothed_weights = net.get_weights()
+    plain_weights = net.get_weights()
+    assert max(np.abs(a - b).max() for a, b in zip(smoothed_weights, plain_weights)) > 1e-4

@@ -150,6 +150,17 @@ def _totals(per_example, logits, labels):
     )
 
 
+def smoothed(cross_entropy, logits, smoothing: float):
+    """Cross-entropy against the target (1 - e) * one-hot + e / K, from the plain one:
+    (1 - e) * CE + e * mean over the K classes of -log p."""
+    import tensorflow as tf
+
+    if not smoothing:
+        return cross_entropy
+    uniform = -tf.reduce_mean(tf.nn.log_softmax(logits), axis=-1)
+    return (1 - smoothing) * cross_entropy + smoothing * uniform
+
+
 class Evaluation:
     """(mean cross-entropy, accuracy) of a model on labelled images, under a strategy."""
 
@@ -188,10 +199,13 @@ class Evaluation:
 class Loop:
     """Trains a compiled Keras model under a strategy, `chunk` steps per tf.function call."""
 
-    def __init__(self, net, strategy, global_batch: int, chunk: int) -> None:
+    def __init__(
+        self, net, strategy, global_batch: int, chunk: int, label_smoothing: float = 0.0
+    ) -> None:
         import tensorflow as tf
 
         self.net, self.strategy, self.global_batch, self.chunk = net, strategy, global_batch, chunk
+        self.label_smoothing = label_smoothing
         with strategy.scope():
             net.optimizer.build(net.trainable_variables)  # slots exist before the first step
         step = self._step
@@ -210,8 +224,9 @@ class Loop:
         with tf.GradientTape() as tape:
             logits = net(x, training=True)
             per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            objective = smoothed(per_example, logits, self.label_smoothing)
             # Sum over this replica / global batch: the optimizer sums the replicas' gradients.
-            loss = tf.reduce_sum(per_example) / self.global_batch
+            loss = tf.reduce_sum(objective) / self.global_batch
             if net.losses:
                 loss += tf.add_n(net.losses) / self.strategy.num_replicas_in_sync
             scaled = net.optimizer.scale_loss(loss)  # float16 loss scaling; identity otherwise

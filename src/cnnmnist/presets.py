@@ -44,6 +44,7 @@ class Preset:
     train_size: int = 0  # 0: every image not held out for validation
     precision: str = "float32"  # the chapter's numbers are float32; see train.resolve_precision
     schedule: str = "constant"  # or "one-cycle": linear warm-up to learning_rate, cosine to 0
+    label_smoothing: float = 0.0  # train against (1 - e) * one-hot + e / 10
     reference_accuracy: float | None = None
     reference: str = ""
 
@@ -74,6 +75,8 @@ class Preset:
             raise UsageError(_unknown("precision", self.precision, PRECISIONS))
         if self.schedule not in SCHEDULES:
             raise UsageError(_unknown("schedule", self.schedule, SCHEDULES))
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.train_size < 0:
             raise UsageError(f"train_size must be 0 (all) or positive, got {self.train_size}")
 
@@ -93,6 +96,7 @@ TUNABLE: dict[str, type] = {
     "train_size": int,
     "precision": str,
     "schedule": str,
+    "label_smoothing": float,
 }
 
 _REGISTRY: dict[str, Preset] = {}

@@ -340,7 +340,9 @@ class Run:
                 if self.state
                 else compile_model(recipe, steps)
             )
-            trainer = loop.Loop(net, strategy, recipe.batch_size, chunk=CHUNK)
+            trainer = loop.Loop(
+                net, strategy, recipe.batch_size, CHUNK, label_smoothing=recipe.label_smoothing
+            )
         progress = progress_callback(recipe.epochs, steps, live=live)
         progress.history = list(self.state["history"]) if self.state else []
         keeper = safekeeping(
