@@ -219,4 +219,7 @@ def test_label_smoothing_trains_against_the_smoothed_target(mnist):
         if smoothing:
             smoothed_weights = net.get_weights()
     plain_weights = net.get_weights()
-    assert max(np.abs(a - b).max() for a, b in zip(smoothed_weights, plain_weights, strict=True)) > 1e-4
+    assert (
+        max(np.abs(a - b).max() for a, b in zip(smoothed_weights, plain_weights, strict=True))
+        > 1e-4
+    )
