@@ -67,3 +67,13 @@ def test_wallclock_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
     assert results["seed_run"]["peak_rss_mb"] > 100  # TensorFlow alone is several hundred MB
     assert len(results["help_seconds"]["runs"]) == 5
     assert results["fast"]["met"] == (fast["test_accuracy"] >= 0.99 and fast["seconds"] <= 30)
+
+
+def test_choose_best_tiny_records_validation_accuracy_only(tmp_path, mnist_dir):
+    results = run_tiny("choose_best.py", tmp_path / "choose_best.json", mnist_dir)
+    assert list(results) == ["base15", "ls18"]
+    for candidate in results.values():
+        assert candidate["seed"] == 1 and candidate["minutes"] > 0
+        (accuracy,) = candidate["val_accuracy"]  # --tiny: one epoch
+        assert 0.0 <= accuracy <= 1.0
+        assert "test_accuracy" not in candidate

@@ -221,14 +221,17 @@ register(
     Preset(
         name="best",
         description="Beyond the book: 4 conv layers with batch norm, random affine "
-        "augmentation (10 deg, 10% shift, 10% zoom), one-cycle Adam, bfloat16 where fast",
+        "augmentation (10 deg, 10% shift, 10% zoom), label smoothing 0.1, one-cycle Adam, "
+        "18 epochs on all 60,000 training images, bfloat16 where fast",
         model="best",
         optimizer="adam",
         learning_rate=3e-3,
-        epochs=15,
+        epochs=18,  # chosen on validation: benchmarks/results/choose_best.json
         batch_size=128,
+        validation_size=0,  # chosen on the 5,000 held out; the final runs train on them too
         precision="auto",
         schedule="one-cycle",
+        label_smoothing=0.1,
         reference="goal: 99.6% mean over 3 seeds, at most 20 minutes a run on 2 CPU cores",
     )
 )
