@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from timing import timed
+from timing import timed_train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "choose_best.json"
@@ -34,13 +33,10 @@ TINY = ["--epochs", "1", "--train-size", "1000", "--validation-size", "500"]
 
 def run_once(flags: list[str], tiny: bool, data_dir: Path | None) -> dict:
     """One validation run in a subprocess: validation accuracy per epoch, wall minutes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "cnnmnist", "train", "--preset", "best", *flags]
-        cmd += [*VALIDATION, "--seed", str(SEED), "--out", str(Path(tmp) / "ckpt"), "--json"]
-        cmd += TINY if tiny else []  # later flags win
-        cmd += ["--data-dir", str(data_dir)] if data_dir else []
-        run = timed(cmd)
-    history = json.loads(run.stdout)["history"]
+    args = ["--preset", "best", *flags, *VALIDATION, "--seed", str(SEED)]
+    args += TINY if tiny else []  # later flags win
+    run, report = timed_train([sys.executable, "-m", "cnnmnist"], args, data_dir)
+    history = report["history"]
     return {
         "flags": flags,
         "seed": SEED,

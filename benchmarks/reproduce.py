@@ -15,10 +15,9 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-from timing import timed
+from timing import timed_train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reproduce.json"
@@ -38,24 +37,8 @@ START, END = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
 
 def run_once(config: str, seed: int, tiny: bool, data_dir: Path | None) -> dict:
     """One `cnnmnist train` in a subprocess: its test accuracy, wall minutes and peak memory."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "cnnmnist",
-            "train",
-            "--config",
-            str(ROOT / config),
-            "--seed",
-            str(seed),
-            "--out",
-            str(Path(tmp) / "ckpt"),
-            "--json",
-        ]
-        cmd += TINY if tiny else []
-        cmd += ["--data-dir", str(data_dir)] if data_dir else []
-        run = timed(cmd)
-        report = json.loads(run.stdout)
+    args = ["--config", str(ROOT / config), "--seed", str(seed), *(TINY if tiny else [])]
+    run, report = timed_train([sys.executable, "-m", "cnnmnist"], args, data_dir)
     return {
         "seed": seed,
         "test_accuracy": report["test_accuracy"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -30,3 +31,11 @@ def timed(cmd: list[str]) -> Timed:
         if code != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({code}):\n{stderr.read_text()[-2000:]}")
         return Timed(seconds, round(usage.ru_maxrss / 1024), stdout.read_text())
+
+
+def timed_train(program: list[str], args: list[str], data_dir: Path | None) -> tuple[Timed, dict]:
+    """`PROGRAM train ARGS --out SCRATCH --json`, timed: the run and its parsed report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [*program, "train", *args, "--out", str(Path(tmp) / "ckpt"), "--json"]
+        run = timed(cmd + (["--data-dir", str(data_dir)] if data_dir else []))
+    return run, json.loads(run.stdout)

@@ -17,10 +17,9 @@ import platform
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-from timing import timed
+from timing import timed, timed_train
 
 RESULTS = Path(__file__).parent / "results" / "wallclock.json"
 TINY = ["--epochs", "1", "--train-size", "1024", "--validation-size", "500"]
@@ -33,10 +32,7 @@ def cnnmnist() -> list[str]:
 
 
 def train(args: list[str], data_dir: Path | None) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [*cnnmnist(), "train", *args, "--out", str(Path(tmp) / "ckpt"), "--json"]
-        run = timed(cmd + (["--data-dir", str(data_dir)] if data_dir else []))
-    report = json.loads(run.stdout)
+    run, report = timed_train(cnnmnist(), args, data_dir)
     return {
         "args": args,
         "test_accuracy": report["test_accuracy"],
