@@ -46,7 +46,7 @@ def replica_rows(order, steps: int, global_batch: int, shard: Shard, pad: bool =
     """This pipeline's batches of indices: [steps * shard.local, global_batch / replicas].
 
     Row k*local + j is replica (first + j)'s part of step k. With `pad`, the order is filled
-    up to whole steps with -1 (dropped when gathering: evaluation sees every image once);
+    up to whole steps with -1 (padding that evaluation weighs 0: it sees every image once);
     without, it is cut to whole steps (training: full batches only).
     """
     import tensorflow as tf
@@ -62,12 +62,26 @@ def replica_rows(order, steps: int, global_batch: int, shard: Shard, pad: bool =
 
 
 def _gather(x, y):
-    """Indices -> (float32 pixels, int32 labels); -1 marks padding and is dropped."""
+    """Indices -> (float32 pixels, int32 labels)."""
     import tensorflow as tf
 
     def gather(rows):
-        rows = tf.boolean_mask(rows, rows >= 0)
         return tf.cast(tf.gather(x, rows), tf.float32), tf.gather(y, rows)
+
+    return gather
+
+
+def _gather_weighted(x, y):
+    """Indices -> (float32 pixels, int32 labels, float32 weights): -1 marks padding, which
+    reads image 0 and weighs 0. Every replica's batch keeps its full size: an empty or short
+    batch on one replica is what broke evaluation over two replicas (oneDNN's pooling returns
+    a wrongly shaped result for an empty batch, and the next convolution fails)."""
+    import tensorflow as tf
+
+    def gather(rows):
+        real = rows >= 0
+        pixels, labels = _gather(x, y)(tf.where(real, rows, tf.zeros_like(rows)))
+        return pixels, labels, tf.cast(real, tf.float32)
 
     return gather
 
@@ -117,15 +131,19 @@ def training_batches(
     return _prefetched(ds.map(_gather(x, y), num_parallel_calls=2, deterministic=True))
 
 
-def evaluation_batches(images: np.ndarray, labels: np.ndarray, shard: Shard = Shard()):
-    """Every image once, in order, split over the replicas (some batches may be short)."""
+def evaluation_batches(
+    images: np.ndarray, labels: np.ndarray, shard: Shard = Shard(), batch: int = EVAL_BATCH
+):
+    """Every image once, in order, split over the replicas as weighted batches of `batch`
+    (at most the number of images): the padding that fills the last step weighs 0."""
     import tensorflow as tf
 
     x, y = _tensors(images, labels)
-    global_batch = EVAL_BATCH * shard.replicas
+    batch = max(1, min(batch, math.ceil(len(images) / shard.replicas)))
+    global_batch = batch * shard.replicas
     steps = max(1, math.ceil(len(images) / global_batch))
     rows = replica_rows(tf.range(len(images)), steps, global_batch, shard, pad=True)
-    return _prefetched(tf.data.Dataset.from_tensor_slices(rows).map(_gather(x, y)))
+    return _prefetched(tf.data.Dataset.from_tensor_slices(rows).map(_gather_weighted(x, y)))
 
 
 def steps_per_epoch(n: int, global_batch: int, replicas: int) -> int:
@@ -140,13 +158,21 @@ def steps_per_epoch(n: int, global_batch: int, replicas: int) -> int:
     return n // global_batch
 
 
-def _totals(per_example, logits, labels):
-    """[sum of losses, correct predictions, examples] of one replica's batch."""
+def _totals(per_example, logits, labels, weights=None):
+    """[sum of losses, correct predictions, examples] of one replica's batch, each example
+    counted with its weight (1 unless given)."""
     import tensorflow as tf
 
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+    if weights is None:
+        weights = tf.ones_like(correct)
+    per_example = tf.cast(per_example, tf.float32)
     return tf.stack(
-        [tf.reduce_sum(per_example), tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)]
+        [
+            tf.reduce_sum(per_example * weights),
+            tf.reduce_sum(correct * weights),
+            tf.reduce_sum(weights),
+        ]
     )
 
 
@@ -173,10 +199,10 @@ class Evaluation:
     def _step(self, batch):
         import keras
 
-        x, y = batch
+        x, y, weights = batch
         logits = self.net(x, training=False)
         per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        return _totals(per_example, logits, y)
+        return _totals(per_example, logits, y, weights)
 
     def _run_all(self, iterator):
         import tensorflow as tf
