@@ -193,3 +193,37 @@ def optimizer(name: str, learning_rate) -> keras.optimizers.Optimizer:
         "lion": keras.optimizers.Lion,
     }
     return classes[name](learning_rate=learning_rate)
+
+
+# Images whose activations give batch norm its population statistics at the end of training.
+BATCH_NORM_IMAGES = 2_000
+
+
+def settle_batch_norm(net, images, batch_size: int = 500) -> int:
+    """Replace every batch-norm layer's moving statistics by the exact mean and variance of
+    its input over `images` (at most BATCH_NORM_IMAGES of them), in inference mode, layer by
+    layer in order; returns how many layers were set.
+
+    The moving averages lag the weights by about 1 / (1 - momentum) steps: after a short run
+    they still sit near their initial 0 and 1 and the served model answers at chance while
+    training looked fine. Measured in inference mode (no dropout, no augmentation), they are
+    also what the served model actually sees.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    layers = [layer for layer in net.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    pixels = np.asarray(images[:BATCH_NORM_IMAGES], np.float32).reshape(-1, *INPUT_SHAPE)
+    for layer in layers:
+        probe = tf.function(keras.Model(net.inputs, layer.input))
+        total, total_sq, count = 0.0, 0.0, 0
+        for start in range(0, len(pixels), batch_size):
+            a = probe(pixels[start : start + batch_size], training=False).numpy()
+            a = a.astype(np.float64).reshape(-1, a.shape[-1])  # channels last
+            total, total_sq, count = total + a.sum(0), total_sq + (a * a).sum(0), count + len(a)
+        mean = total / count
+        variance = np.maximum(total_sq / count - mean * mean, 0.0)
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(variance.astype(np.float32))
+    return len(layers)
