@@ -1,11 +1,13 @@
 """Run `cnnmnist` as one process of a distributed test (started by tests/test_distribute.py).
 
-    python tests/distributed_worker.py [--logical-cpus N] [--record-shards FILE] ARGS...
+    python tests/distributed_worker.py [--logical-cpus N] [--record-shards FILE]
+        [--fail-in-validation] ARGS...
 
 --logical-cpus splits the CPU into N logical devices before TensorFlow starts (as a machine
 with N accelerators would look to MirroredStrategy). --record-shards saves, at exit, the
 training-image indices this process's input pipeline produced, epoch by epoch, as the
-pipeline hands them to the gather that reads the images.
+pipeline hands them to the gather that reads the images. --fail-in-validation makes the
+first validation pass raise a TensorFlow error (a fault in one worker).
 """
 
 from __future__ import annotations
@@ -29,9 +31,24 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--record-shards"]:
         record(argv[1])
         argv = argv[2:]
+    if argv[:1] == ["--fail-in-validation"]:
+        fail_in_validation()
+        argv = argv[1:]
     from cnnmnist.cli import cli
 
     cli(argv, prog_name="cnnmnist")
+
+
+def fail_in_validation() -> None:
+    """Make this process fail as a TensorFlow op would, in its first validation pass."""
+    import tensorflow as tf
+
+    from cnnmnist import loop
+
+    def failing(self, images, labels):
+        raise tf.errors.InvalidArgumentError(None, None, "injected fault in validation")
+
+    loop.Evaluation.__call__ = failing
 
 
 def record(path: str) -> None:

@@ -202,6 +202,7 @@ def train(
         config_values = presets.load_config(config) if config else None
         recipe, options = presets.resolve(preset, config_values, dataset=dataset, **overrides)
     from cnnmnist import train as training
+    from cnnmnist.console import err
 
     result = training.run(
         recipe,
@@ -215,6 +216,8 @@ def train(
         devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
         tensorboard=tensorboard,
     )
+    for warning in result.warnings:
+        err().print(f"[bold red]warning:[/] {warning}")
     if as_json:
         _print_json(result.to_json())
     else:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-from cnnmnist.errors import UsageError
+from cnnmnist.errors import CnnmnistError, UsageError
 
 STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
+# How long a multi-worker run waits for every worker in TF_CONFIG to join before giving up.
+PEER_TIMEOUT_ENV = "CNNMNIST_PEER_TIMEOUT"
+PEER_TIMEOUT = 300.0  # seconds: platforms may start the workers' containers minutes apart
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ def strategy(name: str, devices: tuple[str, ...] = ()):
     if name == "multi-worker":  # first: it must be created before TensorFlow's runtime starts
         if devices:
             raise UsageError("--devices: a multi-worker run uses every local GPU (or the CPU)")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _joined_cluster()
     gpus = [gpu.name for gpu in tf.config.list_logical_devices("GPU")]
     if name == "auto" and devices:
         name = "mirrored" if len(devices) > 1 else "one-device"
@@ -82,3 +87,95 @@ def strategy(name: str, devices: tuple[str, ...] = ()):
             raise UsageError(f"--strategy one-device takes one device, not {len(devices)}")
         return tf.distribute.OneDeviceStrategy(devices[0] if devices else (gpus or ["/cpu:0"])[0])
     return tf.distribute.MirroredStrategy(list(devices) or None)
+
+
+def peer_timeout(environ: dict[str, str] | None = None) -> float:
+    """Seconds to wait for the other workers ($CNNMNIST_PEER_TIMEOUT, default PEER_TIMEOUT)."""
+    raw = (os.environ if environ is None else environ).get(PEER_TIMEOUT_ENV)
+    if raw is None:
+        return PEER_TIMEOUT
+    try:
+        seconds = float(raw)
+        if not seconds > 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"{PEER_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds"
+        ) from None
+    return seconds
+
+
+def _joined_cluster():
+    """MultiWorkerMirroredStrategy, once every worker has joined; a worker whose peers do not
+    all join within peer_timeout() exits 1 with a message.
+
+    TensorFlow itself waits for them without limit inside one C++ call that holds the GIL (no
+    Python thread runs, Ctrl-C is not seen). faulthandler's watchdog is a C thread: at the
+    deadline it writes to a pipe and ends the process with exit 1; a small helper process
+    reading that pipe then prints the message. When the cluster forms, the pipe closes empty.
+    """
+    import faulthandler
+    import subprocess
+
+    import tensorflow as tf
+
+    me, seconds = role("multi-worker"), peer_timeout()
+    message = (
+        f"Error: worker {me.index}: not every worker in TF_CONFIG joined within {seconds:g} s "
+        f"({', '.join(_addresses())}); start the same command on each of them, check the "
+        f"addresses, or wait longer with {PEER_TIMEOUT_ENV}=SECONDS\n"
+    )
+    helper = subprocess.Popen(
+        [sys.executable, "-c", _SAY_IF_TIMED_OUT, message], stdin=subprocess.PIPE
+    )
+    faulthandler.dump_traceback_later(seconds, exit=True, file=helper.stdin)
+    try:
+        engine = tf.distribute.MultiWorkerMirroredStrategy()
+        # The strategy can be made before the others are there; an all-reduce cannot.
+        engine.reduce("SUM", tf.function(engine.run)(lambda: tf.constant(1.0)), axis=None)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        helper.stdin.close()
+        helper.wait()
+    return engine
+
+
+_SAY_IF_TIMED_OUT = "import sys\nif sys.stdin.buffer.read():\n    sys.stderr.write(sys.argv[1])"
+
+
+def _addresses() -> list[str]:
+    cluster = tf_config()["cluster"]
+    return [*cluster.get("chief", []), *cluster.get("worker", [])]
+
+
+# TensorFlow names a task in its errors as /job:worker/replica:0/task:1 or /job:worker/task:1.
+_TASK = re.compile(r"/job:(chief|worker)(?:/replica:\d+)?/task:(\d+)")
+# Errors a worker sees when another one failed or left in the middle of a collective.
+_PEER_ERRORS = ("UnavailableError", "AbortedError", "CancelledError", "DeadlineExceededError")
+# The lines of a TensorFlow error message that are not the message: where the op was made.
+_BOILERPLATE = re.compile(r"(Graph execution error|Detected at node|File \"|\[\[)")
+
+
+def failure(error: BaseException, me: Role) -> CnnmnistError | None:
+    """A TensorFlow runtime error as one line: under multi-worker, a peer's failure names the
+    peer (whose own output has the cause); None if `error` is not TensorFlow's."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(error, tf.errors.OpError):
+        return None
+    text = str(error)
+    who = f"worker {me.index}: " if me.workers > 1 else ""
+    if me.workers > 1 and type(error).__name__ in _PEER_ERRORS:
+        cluster = tf_config()["cluster"]
+        tasks = [("chief", i) for i in range(len(cluster.get("chief", [])))]
+        tasks += [("worker", i) for i in range(len(cluster.get("worker", [])))]
+        named = {(kind, int(index)) for kind, index in _TASK.findall(text)}
+        peers = sorted({tasks.index(t) for t in named if t in tasks} - {me.index})
+        if peers:
+            names = ", ".join(f"worker {p} ({_addresses()[p]})" for p in peers)
+            return CnnmnistError(
+                f"{who}stopped because {names} failed or left the run (its own output says "
+                "why); nothing was written"
+            )
+    lines = [line.strip() for line in text.splitlines()]
+    message = next((line for line in lines if line and not _BOILERPLATE.match(line)), "")
+    return CnnmnistError(f"{who}training failed: {type(error).__name__}: {message}")

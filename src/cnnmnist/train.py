@@ -32,6 +32,10 @@ EXPLODED_LOSS = 1e4
 # round trips (measured +5-12% over 1 step per call on the reference model), while Ctrl-C,
 # the divergence check and the progress bar still react within about a second.
 CHUNK = 50
+# A test accuracy under this (chance is 10%), or this far under the last epoch's training
+# accuracy, means the served model is broken, whatever training reported: say so loudly.
+NEAR_CHANCE = 0.2
+FAR_BELOW_TRAINING = 0.25
 NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags of native bfloat16 math
 
 
@@ -52,6 +56,7 @@ class TrainResult:
     seconds: float
     model: Any = field(default=None, repr=False)
     worker: distribute.Role = field(default_factory=distribute.Role)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The --json report."""
@@ -64,6 +69,7 @@ class TrainResult:
             "history": self.history,
             "seconds": round(self.seconds, 3),
             "worker": {"index": self.worker.index, "of": self.worker.workers},
+            "warnings": self.warnings,
         }
 
 
@@ -173,6 +179,38 @@ def served_model(net, recipe: Preset, distributed: bool):
     return twin
 
 
+def settle_batch_norm(served, net, images) -> None:
+    """Give the served model's batch norm its population statistics over training images
+    (see model.settle_batch_norm), and the saved training model the same ones."""
+    from cnnmnist import model as models
+
+    if not models.settle_batch_norm(served, images) or served is net:
+        return
+    for layer in served.layers:
+        if hasattr(layer, "moving_mean"):
+            twin = net.get_layer(layer.name)
+            twin.moving_mean.assign(layer.moving_mean.numpy())
+            twin.moving_variance.assign(layer.moving_variance.numpy())
+
+
+def sanity_warnings(test_accuracy: float, history: list[dict[str, Any]]) -> list[str]:
+    """What a user must hear about a finished run's test accuracy: near chance, or far below
+    what training reached (the served model does not compute what was trained)."""
+    warnings = []
+    trained = history[-1]["accuracy"] if history else None
+    if test_accuracy < NEAR_CHANCE:
+        warnings.append(
+            f"test accuracy {test_accuracy:.2%} is near chance (10%): this checkpoint "
+            "does not read digits"
+        )
+    elif trained is not None and test_accuracy < trained - FAR_BELOW_TRAINING:
+        warnings.append(
+            f"test accuracy {test_accuracy:.2%} is far below the last epoch's training "
+            f"accuracy {trained:.2%}: the served model does not compute what was trained"
+        )
+    return warnings
+
+
 def compile_model(recipe: Preset, steps_per_epoch: int = 1):
     """Build and compile the preset's model: the loop trains with its optimizer, and the
     compile settings travel in model.keras so that --resume restores the optimizer."""
@@ -213,17 +251,30 @@ def run(
             "--tensorboard needs the tensorboard package: pip install 'cnnmnist[tensorboard]'"
         )
     role = distribute.role(strategy)  # a bad TF_CONFIG fails here, before TensorFlow loads
-    run = functools.partial(
-        _train,
-        recipe,
-        dataset=dataset,
-        data_dir=data_dir,
-        device=device,
-        strategy=strategy,
-        devices=devices,
-        role=role,
-        live_progress=live_progress,
-    )
+    try:
+        return _run_as(
+            role,
+            recipe,
+            out,
+            force,
+            resume,
+            tensorboard,
+            dataset=dataset,
+            data_dir=data_dir,
+            device=device,
+            strategy=strategy,
+            devices=devices,
+            live_progress=live_progress,
+        )
+    except Exception as e:
+        failure = distribute.failure(e, role)  # TensorFlow's runtime errors, as one line
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _run_as(role, recipe, out, force, resume, tensorboard, **options) -> TrainResult:
+    run = functools.partial(_train, recipe, role=role, **options)
     if not role.chief:
         # The other workers compute every step with the chief but write only to a scratch
         # directory, deleted at the end; a resumed run reads the chief's state (shared storage).
@@ -374,10 +425,13 @@ class Run:
                 )
         self._check_stopped(keeper, first_epoch)
         served = served_model(net, recipe, distributed=strategy is not _default_strategy())
+        settle_batch_norm(served, net, x_train)
         test_loss, test_accuracy = loop.Evaluation(served, _default_strategy())(
             ds.test_images, ds.test_labels
         )
+        warnings = sanity_warnings(test_accuracy, progress.history)
         metadata = self._metadata(ds, len(x_train), progress.history, test_loss, test_accuracy)
+        metadata["warnings"] = warnings
         checkpoint.write(
             net, out, metadata, overwrite=self.force, check_images=ds.test_images, served=served
         )
@@ -392,6 +446,7 @@ class Run:
             seconds=time.perf_counter() - self.started,
             model=net,
             worker=self.role,
+            warnings=warnings,
         )
 
     def _check_stopped(self, keeper, first_epoch: int) -> None:

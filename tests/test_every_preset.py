@@ -1,0 +1,143 @@
+"""Every registered preset, trained for a few dozen steps, under every strategy and precision
+path: it trains, evaluates its validation split, and serves a model that reads digits.
+
+A short run is where batch norm's moving statistics have not settled (a model that trained
+to 72% served 11%, chance); validation over two replicas is where a replica's empty batch
+crashed the book's model. Both pass through these runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cnnmnist import presets
+from cnnmnist.cli import cli
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+STEPS = 30  # a few dozen: too few for batch norm's moving averages (momentum 0.99) to settle
+BF16_STEPS = 15
+VALIDATION = 1000
+# Chance is 10%. After 30 steps every preset reads most of the test set (the weakest, the
+# book's N(0, 0.01) model, reached about 80% here), so a near-chance model fails at once.
+WELL_ABOVE_CHANCE = 0.6
+# The epoch's training accuracy is a running mean over its steps, below what the final
+# weights reach; the served model must not be far below it (the broken one was 61 points under).
+BELOW_TRAINING = 0.05
+# oneDNN's kernels are what broke on an empty batch; they are on by default only on some CPUs.
+ONEDNN = {"TF_ENABLE_ONEDNN_OPTS": "1"}
+
+
+def short_run(preset: presets.Preset, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    """A CLI command line: 1 epoch of `steps` of the preset's own batch, with validation."""
+    return [
+        "train",
+        "--preset",
+        preset.name,
+        "--epochs",
+        "1",
+        "--train-size",
+        str(steps * preset.batch_size),
+        "--validation-size",
+        str(VALIDATION),
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--json",
+        *extra,
+    ]
+
+
+def assert_serves_what_it_learned(report: dict, out: Path) -> None:
+    row = report["history"][-1]
+    assert set(row) >= {"accuracy", "val_accuracy"}
+    assert report["test_accuracy"] > WELL_ABOVE_CHANCE, report
+    assert report["test_accuracy"] > row["accuracy"] - BELOW_TRAINING, report
+    assert report["warnings"] == []
+    # What `evaluate` reads back from the written checkpoint is what training reported.
+    result = CliRunner().invoke(cli, ["evaluate", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx(report["test_accuracy"], abs=2e-4)
+
+
+NAMES = [p.name for p in presets.all_presets()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_on_one_device(name, tmp_path, mnist_dir):
+    out = tmp_path / "ckpt"
+    result = CliRunner().invoke(
+        cli, short_run(presets.get(name), out, "--data-dir", str(mnist_dir))
+    )
+    assert result.exit_code == 0, result.output
+    assert_serves_what_it_learned(json.loads(result.stdout), out)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_mirrored_over_two_replicas(name, tmp_path, mnist_dir):
+    out = tmp_path / "ckpt"
+    command = [sys.executable, str(WORKER), "--logical-cpus", "2"]
+    command += short_run(presets.get(name), out, "--strategy", "mirrored")
+    done = subprocess.run(
+        command, env={**os.environ, **ONEDNN}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    report = json.loads(done.stdout)
+    meta = json.loads((out / "cnnmnist.json").read_text())
+    assert meta["distribution"]["replicas"] == 2
+    assert_serves_what_it_learned(report, out)
+
+
+@pytest.mark.parametrize("name", [p.name for p in presets.all_presets() if p.precision == "auto"])
+def test_presets_that_pick_their_precision_also_train_in_bfloat16(name, tmp_path, mnist_dir):
+    """`auto` is bfloat16 on CPUs with native BF16 and float32 elsewhere: run the other path
+    too. Emulated bfloat16 (a CPU without it) is several times slower: fewer steps."""
+    out = tmp_path / "ckpt"
+    extra = ("--data-dir", str(mnist_dir), "--precision", "bfloat16")
+    result = CliRunner().invoke(cli, short_run(presets.get(name), out, *extra, steps=BF16_STEPS))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "cnnmnist.json").read_text())["dtype_policy"] == "mixed_bfloat16"
+    assert_serves_what_it_learned(json.loads(result.stdout), out)
+
+
+EVALUATE_MIRRORED = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from cnnmnist import data, loop, model, presets
+keras.utils.set_random_seed(0)
+net = model.build(presets.get(sys.argv[1]))
+ds = data.load("mnist", sys.argv[2], allow_download=False)
+images, labels = ds.test_images[:2500], ds.test_labels[:2500]
+one = loop.Evaluation(net, tf.distribute.get_strategy())(images, labels)
+two = loop.Evaluation(net, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))(images, labels)
+print(json.dumps({"one": one, "two": two}))
+"""
+
+
+@pytest.mark.parametrize("name", ["seed", "best"])
+def test_evaluation_over_two_replicas_equals_one_device(name, mnist_dir):
+    # 2,500 images over 2 replicas of 1,000: the last step has 500 images for replica 0 and
+    # none for replica 1, which is padded and weighed 0.
+    done = subprocess.run(
+        [sys.executable, "-c", EVALUATE_MIRRORED, name, str(mnist_dir)],
+        env={**os.environ, **ONEDNN},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got["two"], got["one"], rtol=1e-5)
