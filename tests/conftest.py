@@ -28,6 +28,17 @@ def mnist_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """Fashion-MNIST from Debian's dataset-fashion-mnist (.ci/run installs it); never skipped."""
+    from cnnmnist import data
+
+    path = Path(data.SPECS["fashion-mnist"].system_dirs[0])
+    if not (path / "t10k-labels-idx1-ubyte.gz").exists():
+        pytest.fail(f"Fashion-MNIST not found in {path}: apt-get install dataset-fashion-mnist")
+    return path
+
+
+@pytest.fixture(scope="session")
 def mnist(mnist_dir):
     from cnnmnist import data
 
@@ -40,7 +51,9 @@ def trained(tmp_path_factory, mnist_dir):
     from cnnmnist import presets, train
 
     out = tmp_path_factory.mktemp("trained") / "ckpt"
-    return train.run(presets.get("seed").with_overrides(epochs=1), data_dir=mnist_dir, out=out)
+    return train.run(
+        presets.get("seed").with_overrides(epochs=1), train.Options(data_dir=mnist_dir, out=out)
+    )
 
 
 @pytest.fixture(autouse=True)

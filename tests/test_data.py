@@ -205,10 +205,8 @@ def test_data_command_exits_1_on_mismatch(tmp_path):
     assert "4 of 4 files failed verification" in result.output
 
 
-def test_fashion_mnist_from_the_debian_package_if_installed():
-    directory = data.SPECS["fashion-mnist"].system_dirs[0]
-    if not (data.Path(directory) / "t10k-labels-idx1-ubyte.gz").exists():
-        pytest.skip("dataset-fashion-mnist is not installed (optional)")
+def test_fashion_mnist_from_the_debian_package(fashion_mnist_dir):
+    directory = str(fashion_mnist_dir)
     ds = data.load(
         "fashion-mnist", allow_download=False
     )  # found although $CNNMNIST_DATA_DIR is MNIST

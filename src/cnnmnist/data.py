@@ -301,8 +301,37 @@ def read_idx(path: Path, ndim: int) -> tuple[np.ndarray, str]:
     return parse_idx(data, str(path), ndim), hashlib.md5(data).hexdigest()
 
 
+def _check_npz_headers(path: Path) -> None:
+    """Refuse an npz whose arrays are not small uint8 ones, from the headers alone: reading
+    an array decompresses all of it, and a few megabytes can declare gigabytes."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for key in NPZ_KEYS.values():
+                if f"{key}.npy" not in archive.namelist():
+                    continue
+                with archive.open(f"{key}.npy") as member:
+                    major, _ = np.lib.format.read_magic(member)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if major == 1
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(member)
+                size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if dtype != np.uint8 or size > MAX_DECOMPRESSED:
+                    raise DataError(
+                        f"{path}: {key} declares {dtype}{list(shape)} ({size >> 20} MiB); "
+                        f"expected uint8 MNIST arrays under {MAX_DECOMPRESSED >> 20} MiB"
+                    )
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+        raise DataError(f"{path}: not a valid npz file: {e}") from None
+
+
 def read_npz(path: Path) -> dict[str, tuple[np.ndarray, str]]:
     """Read a Keras-style npz (never unpickling): role -> (array, MD5 of its IDX encoding)."""
+    _check_npz_headers(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {role: npz[key] for role, key in NPZ_KEYS.items() if key in npz.files}

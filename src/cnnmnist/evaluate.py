@@ -172,8 +172,9 @@ def error_grid_size(count: int) -> tuple[int, int]:
     return columns * 28 * ERROR_SCALE, rows * (28 * ERROR_SCALE + ERROR_CAPTION)
 
 
-def write_errors(report: Report, path: Path, count: int = 36) -> int:
-    """Draw the most confident mistakes (digit, true -> predicted, confidence); return how many."""
+def write_errors(report: Report, path: Path, count: int = 36) -> tuple[int, bool]:
+    """Draw the most confident mistakes (digit, true -> predicted, confidence) into a PNG,
+    atomically; return how many, and whether an existing file was replaced."""
     from PIL import Image, ImageDraw
 
     chosen = report.mistakes(count)
@@ -188,5 +189,22 @@ def write_errors(report: Report, path: Path, count: int = 36) -> int:
         caption = f"{report.labels[i]} as {p.argmax()}  {p.max():.0%}"
         draw.text((x + 4, y + side + 2), caption, fill=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG")
-    return len(chosen)
+    replaced = path.exists()
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
+    return len(chosen), replaced
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it into place: a
+    reader never sees half a file, and a failure leaves what was there."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -10,16 +10,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from cnnmnist import schema
 from cnnmnist.errors import CnnmnistError, UsageError
-from cnnmnist.presets import Preset
+from cnnmnist.presets import DATASETS, Preset
 
 STATE = "state.json"
+MODEL_FILE = re.compile(r"epoch-\d+\.keras")
 FORMAT_VERSION = 1
 
 
@@ -30,28 +33,42 @@ def partial_dir(out: Path) -> Path:
 
 @contextlib.contextmanager
 def lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out` for this process; the kernel drops it if we die."""
+    """Hold an exclusive lock on `out` for this process; the kernel drops it if we die.
+
+    The lock file `.OUT.lock` is removed on release. A process that opened it just before
+    the removal holds a lock on a file no longer at that path: it sees that and tries again.
+    """
     import fcntl
 
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_name(f".{out.name}.lock")
-    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
-    try:
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
+            handle.close()
             raise CnnmnistError(
                 f"{out}: another `cnnmnist train` (pid {owner}) is writing here; "
                 "wait for it to finish or choose another --out"
             ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # removed by the previous holder: lock the new file instead
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         handle.close()
 
 
@@ -99,12 +116,24 @@ def load_state(out: Path) -> dict[str, Any] | None:
         return None
     try:
         state = json.loads(path.read_text())
-        if state["format_version"] > FORMAT_VERSION:
-            raise CnnmnistError(f"{path}: written by a newer cnnmnist")
-        Preset(**state["recipe"]).validate()
-        return state
-    except (json.JSONDecodeError, KeyError, TypeError, UsageError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CnnmnistError(f"{path}: corrupted resume state ({e}); delete {path.parent}") from None
+    bad = schema.mismatch(state, schema.STATE)
+    if not bad and not MODEL_FILE.fullmatch(state["model"]):
+        bad = "model"  # a file name inside OUT.partial/, never a path elsewhere
+    if bad:
+        raise CnnmnistError(f"{path}: corrupted resume state: {bad}; delete {path.parent}")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CnnmnistError(f"{path}: written by a newer cnnmnist")
+    try:
+        Preset(**state["recipe"]).validate()
+    except (TypeError, UsageError) as e:
+        raise CnnmnistError(
+            f"{path}: corrupted resume state: recipe ({e}); delete {path.parent}"
+        ) from None
+    if state["options"]["dataset"] not in DATASETS:
+        raise CnnmnistError(f"{path}: corrupted resume state: options.dataset")
+    return state
 
 
 def restore(out: Path, state: dict[str, Any]):
@@ -119,8 +148,19 @@ def restore(out: Path, state: dict[str, Any]):
         model = keras.saving.load_model(path)
     except Exception as e:  # noqa: BLE001 - Keras raises many kinds for a damaged file
         raise CnnmnistError(f"{path}: cannot load the saved training state: {e}") from None
-    for variable, value in zip(seed_states(model), state["seed_states"], strict=True):
-        variable.assign(value)
+    variables = seed_states(model)
+    if len(variables) != len(state["seed_states"]):
+        raise CnnmnistError(
+            f"{partial_dir(out) / STATE}: corrupted resume state: seed_states (the model has "
+            f"{len(variables)} random generators, the state {len(state['seed_states'])})"
+        )
+    try:
+        for variable, value in zip(variables, state["seed_states"], strict=True):
+            variable.assign(value)
+    except Exception as e:  # noqa: BLE001 - TensorFlow or Keras: a shape or dtype mismatch
+        raise CnnmnistError(
+            f"{partial_dir(out) / STATE}: corrupted resume state: seed_states ({e})"
+        ) from None
     return model
 
 
