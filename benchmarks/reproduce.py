@@ -22,15 +22,22 @@ from timing import timed_train
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reproduce.json"
 README = ROOT / "README.md"
-# name, config, the book's test accuracy (None: no reference), note
-ROWS = [
-    ("seed-adam", "configs/seed-adam.toml", 0.9926),
-    ("seed-rmsprop", "configs/seed-rmsprop.toml", 0.9896),
-    ("seed-rmsprop-tf1", "configs/seed-rmsprop-tf1.toml", 0.9896),
-    ("seed-layers", "configs/seed-layers.toml", 0.9911),
-    ("mlp", "configs/mlp.toml", 0.981),
-    ("best", "configs/best.toml", None),
-]
+NAMES = ["seed-adam", "seed-rmsprop", "seed-rmsprop-tf1", "seed-layers", "mlp", "best"]
+
+
+def book(config: str) -> float | None:
+    """The book's test accuracy for a run file's preset and optimizer (None: no reference)."""
+    from cnnmnist import presets
+
+    values = presets.load_config(ROOT / config)
+    recipe = presets.get(values["preset"]).with_overrides(
+        **{k: v for k, v in values.items() if k in presets.TUNABLE}
+    )
+    return presets.book_accuracy(recipe.name, recipe.optimizer)
+
+
+# name, config, the book's test accuracy (None: no reference)
+ROWS = [(name, f"configs/{name}.toml", book(f"configs/{name}.toml")) for name in NAMES]
 TINY = ["--epochs", "1", "--train-size", "1000", "--validation-size", "500"]
 START, END = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
 

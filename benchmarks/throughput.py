@@ -37,7 +37,7 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from cnnmnist import data, loop, presets, train
+    from cnnmnist import data, loop, model, presets, runtime
 
     ds = data.load("mnist", args.data_dir)
     x, y = ds.split("train", 5000)
@@ -48,33 +48,21 @@ def main() -> None:
 
     def plain_keras() -> float:
         keras.mixed_precision.set_global_policy("float32")
-        model = train.compile_model(recipe)
+        net = model.compile_model(recipe)
         xf = x.reshape(-1, 28, 28, 1).astype(np.float32)  # what a plain port feeds
-        model.fit(xf[: batch * 2], y[: batch * 2], batch_size=batch, epochs=1, verbose=0)  # warm up
+        net.fit(xf[: batch * 2], y[: batch * 2], batch_size=batch, epochs=1, verbose=0)  # warm up
         start = time.perf_counter()
-        model.fit(xf, y, batch_size=batch, epochs=1, verbose=0)
+        net.fit(xf, y, batch_size=batch, epochs=1, verbose=0)
         return len(x) / (time.perf_counter() - start)
 
     def ours(policy: str):
         def run() -> float:
             keras.mixed_precision.set_global_policy(policy)
             try:
-                model = train.compile_model(recipe)
-                trainer = loop.Loop(model, strategy, batch, chunk=train.CHUNK)
-
-                def fit(images: int) -> None:
-                    trainer.fit(
-                        lambda context: loop.training_batches(
-                            x[:images], y[:images], batch, 0, range(1)
-                        ),
-                        range(1),
-                        images // batch,
-                        keras.callbacks.CallbackList([], model=model),
-                    )
-
-                fit(batch * 2)  # warm up: trace the step
+                trainer = loop.Loop(model.compile_model(recipe), strategy, batch)
+                trainer.fit_arrays(x[: batch * 2], y[: batch * 2], 0, range(1))  # warm up
                 start = time.perf_counter()
-                fit(len(x))
+                trainer.fit_arrays(x, y, 0, range(1))
                 return len(x) // batch * batch / (time.perf_counter() - start)
             finally:
                 keras.mixed_precision.set_global_policy("float32")
@@ -113,7 +101,7 @@ def main() -> None:
         "machine": {
             "python": platform.python_version(),
             "processor": platform.processor(),
-            "bf16": sorted(train.cpu_flags() & train.NATIVE_BF16),
+            "bf16": sorted(runtime.cpu_flags() & runtime.NATIVE_BF16),
         },
         "versions": {"keras": keras.__version__},
     }

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cnnmnist import presets, train
+from cnnmnist import loop, model, presets, runtime, train
 
 
 @pytest.mark.parametrize(
@@ -19,11 +19,11 @@ from cnnmnist import presets, train
     ],
 )
 def test_resolve_precision(choice, flags, gpu, policy):
-    assert train.resolve_precision(choice, flags, gpu) == policy
+    assert runtime.resolve_precision(choice, flags, gpu) == policy
 
 
 def test_cpu_flags_reads_this_machine():
-    flags = train.cpu_flags()
+    flags = runtime.cpu_flags()
     assert isinstance(flags, set)
     if flags:
         assert "sse2" in flags or "fp" in flags or "asimd" in flags
@@ -35,14 +35,16 @@ def test_chapter_presets_stay_float32():
 
 
 def test_bfloat16_run_learns_and_exports_float32_probabilities(tmp_path, mnist_dir, mnist):
-    if not train.cpu_flags() & train.NATIVE_BF16:
+    if not runtime.cpu_flags() & runtime.NATIVE_BF16:
         pytest.skip("this CPU has no native bfloat16")
     import keras
 
     recipe = presets.get("seed").with_overrides(
         precision="bfloat16", epochs=1, train_size=30000, validation_size=1000, seed=1
     )
-    result = train.run(recipe, data_dir=mnist_dir, out=tmp_path / "bf16")  # 300 steps
+    result = train.run(
+        recipe, train.Options(data_dir=mnist_dir, out=tmp_path / "bf16")
+    )  # 300 steps
     assert result.test_accuracy > 0.9  # chance is 0.1; float32 gets ~0.95 here
     assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
     from cnnmnist import checkpoint
@@ -60,7 +62,7 @@ def test_the_precision_flag_reaches_the_recipe(monkeypatch):
 
     seen = {}
 
-    def fake_run(recipe, **kwargs):
+    def fake_run(recipe, options):
         seen["recipe"] = recipe
         raise train.CnnmnistError("stop here")
 
@@ -77,21 +79,14 @@ def test_the_gpu_path_float16_loss_scaling_and_xla_learns_on_cpu(mnist):
     import keras
     import tensorflow as tf
 
-    from cnnmnist import loop
-
     recipe = presets.get("mlp")
     x, y = mnist.split("train", 5000)
-    with train.global_policy("mixed_float16"):
-        net = train.compile_model(recipe, 100)
+    with runtime.global_policy("mixed_float16"):
+        net = model.compile_model(recipe, 100)
         assert isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer)
         net.jit_compile = True  # Keras's choice on a GPU; on a CPU it says False
-        trainer = loop.Loop(net, tf.distribute.get_strategy(), 100, chunk=train.CHUNK)
-        trainer.fit(
-            lambda context: loop.training_batches(x[:10000], y[:10000], 100, 0, range(1)),
-            range(1),
-            100,
-            keras.callbacks.CallbackList([], model=net),
-        )
+        trainer = loop.Loop(net, tf.distribute.get_strategy(), 100, chunk=loop.CHUNK)
+        trainer.fit_arrays(x[:10000], y[:10000], 0, range(1))
         loss, accuracy = trainer.evaluate(*mnist.split("validation", 5000))
     assert net.optimizer.iterations.numpy() == 100
     assert accuracy > 0.85 and loss < 0.6  # chance: 10%, loss 2.3

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from cnnmnist import checkpoint
+from cnnmnist import checkpoint, serving
 from cnnmnist import predict as P
 from cnnmnist.cli import cli
 
@@ -88,8 +88,8 @@ def test_fast_path_matches_the_saved_model(trained, mnist):
     meta = checkpoint.read(trained.checkpoint).metadata["fast_path"]
     assert meta["file"] == checkpoint.TFLITE
     assert meta["checked_on"] == checkpoint.TFLITE_CHECK_IMAGES
-    model = P.Model(trained.checkpoint)
-    assert model.engine == "tflite"
+    model = serving.engine(checkpoint.read(trained.checkpoint))
+    assert model.name == "tflite"
     fast = model.probabilities(mnist.test_images[:2000])
     authority = checkpoint.read(trained.checkpoint).predict(mnist.test_images[:2000])
     assert np.array_equal(fast.argmax(axis=1), authority.argmax(axis=1))

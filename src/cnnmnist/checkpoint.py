@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cnnmnist import schema
 from cnnmnist.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -61,19 +63,17 @@ def write_tflite(saved_model: Path, check_images=None) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any converter failure only costs the fast path
         return {"file": None, "reason": f"conversion failed: {type(e).__name__}: {e}"[:300]}
     if check_images is None or len(check_images) == 0:
-        return {"file": TFLITE, "checked_on": 0}
+        return {"file": TFLITE, "sha256": file_sha256(saved_model / TFLITE), "checked_on": 0}
+    from cnnmnist import serving
+
     pixels = np.asarray(check_images[:TFLITE_CHECK_IMAGES], np.float32).reshape(-1, 28, 28, 1)
-    reference = Checkpoint(saved_model, {}).predict(pixels)
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        Interpreter = tf.lite.Interpreter  # noqa: N806 - same API, deprecated in TF
-    runner = Interpreter(model_path=str(saved_model / TFLITE), num_threads=os.cpu_count())
-    fast = tflite_probabilities(runner.get_signature_runner(SIGNATURE), pixels)
+    reference = serving.SavedModel(saved_model).probabilities(pixels)
+    fast = serving.TFLite(saved_model / TFLITE).probabilities(pixels)
     agreement = float((fast.argmax(axis=1) == reference.argmax(axis=1)).mean())
     difference = float(np.abs(fast - reference).max())
     report = {
         "file": TFLITE,
+        "sha256": file_sha256(saved_model / TFLITE),  # `predict` verifies the copy against it
         "checked_on": len(pixels),
         "argmax_agreement": agreement,
         "max_abs_diff": difference,
@@ -84,21 +84,55 @@ def write_tflite(saved_model: Path, check_images=None) -> dict[str, Any]:
     return report
 
 
-def tflite_probabilities(runner, pixels, batch_size: int = 1000):
-    """Probabilities from a TFLite signature runner, in batches: one call on 10,000 images
-    would hold a gigabyte of first-layer activations."""
-    import numpy as np
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in chunks."""
+    import hashlib
 
-    pixels = np.asarray(pixels, np.float32).reshape(-1, 28, 28, 1)
-    outs = [
-        runner(pixels=pixels[i : i + batch_size])["probabilities"]
-        for i in range(0, len(pixels), batch_size)
-    ]
-    return np.concatenate(outs) if outs else np.zeros((0, 10), np.float32)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def _temporaries(out: Path, kind: str) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.{kind}-*"))
+# What a checkpoint directory holds: `--force` replaces a directory only if it holds nothing
+# else (and its metadata file), or nothing at all. Never remove what this tool did not write.
+CONTENTS = frozenset(
+    {"saved_model.pb", "fingerprint.pb", "variables", "assets", KERAS_MODEL, METADATA, TFLITE}
+)
+
+
+def check_replaceable(out: Path) -> None:
+    """Raise unless `out` is absent, an empty directory, or recognisably a cnnmnist checkpoint."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        kind = "a symbolic link" if out.is_symlink() else "a file"
+        raise CheckpointError(
+            f"{out}: is {kind}, not a checkpoint directory; refusing to replace it"
+        )
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    strangers = sorted(names - CONTENTS)
+    if strangers or METADATA not in names:
+        shown = ", ".join(strangers[:5]) + (", ..." if len(strangers) > 5 else "")
+        what = f"it holds {shown}" if strangers else f"it has no {METADATA}"
+        raise CheckpointError(
+            f"{out}: not a cnnmnist checkpoint ({what}); --force replaces only checkpoints. "
+            "Choose another --out"
+        )
+
+
+def _temporaries(out: Path, kind: str) -> list[tuple[Path, int]]:
+    """This tool's temporaries beside `out`, `.OUT.KIND-PID-SUFFIX`, with the writer's pid
+    (names compared literally: a `*` in --out is a character, not a pattern)."""
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{out.name}.{kind}-") + r"(\d+)-[A-Za-z0-9_]+")
+    found = [(p, pattern.fullmatch(p.name)) for p in out.parent.iterdir()]
+    return sorted((p, int(m.group(1))) for p, m in found if m)
 
 
 def _alive(pid: int) -> bool:
@@ -114,9 +148,8 @@ def _alive(pid: int) -> bool:
 def recover(out: Path) -> None:
     """Undo what a crashed write left: restore a moved-away checkpoint, drop stale temporaries."""
     for kind in ("tmp", "old"):
-        for path in _temporaries(out, kind):
-            pid = path.name.rsplit("-", 2)[-2]
-            if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+        for path, pid in _temporaries(out, kind):
+            if pid != os.getpid() and _alive(pid):
                 continue  # another run is writing right now
             if kind == "old" and not out.exists():
                 os.rename(path, out)  # crash between the two renames: the old one is still good
@@ -144,6 +177,7 @@ def write(
     recover(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out}: already exists; pass --force to replace it")
+    check_replaceable(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -189,37 +223,11 @@ class Checkpoint:
     path: Path
     metadata: dict[str, Any]
 
-    def signature(self):
-        """The SavedModel's serving_default concrete function (imports TensorFlow)."""
-        import tensorflow as tf
-
-        try:
-            loaded = tf.saved_model.load(str(self.path))
-            fn = loaded.signatures[SIGNATURE]
-        except KeyError:
-            raise CheckpointError(
-                f"{self.path}: SavedModel has no {SIGNATURE!r} signature"
-            ) from None
-        except Exception as e:  # noqa: BLE001 - TF raises many kinds for a damaged SavedModel
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"{self.path}: the SavedModel cannot be loaded: {first}"
-            ) from None
-        fn._cnnmnist_owner = loaded  # keep the variables alive as long as the function
-        return fn
-
     def predict(self, pixels, batch_size: int = 1000):
-        """Class probabilities [N, 10] of raw pixels [N, 28, 28(, 1)] via the signature."""
-        import numpy as np
-        import tensorflow as tf
+        """Class probabilities [N, 10] of raw pixels [N, 28, 28(, 1)] via the SavedModel."""
+        from cnnmnist import serving
 
-        fn = self.signature()
-        pixels = np.asarray(pixels, dtype=np.float32).reshape(-1, 28, 28, 1)
-        outs = [
-            fn(pixels=tf.constant(pixels[i : i + batch_size]))["probabilities"].numpy()
-            for i in range(0, len(pixels), batch_size)
-        ]
-        return np.concatenate(outs) if outs else np.zeros((0, 10), np.float32)
+        return serving.SavedModel(self.path).probabilities(pixels, batch_size)
 
 
 def read(path: Path) -> Checkpoint:
@@ -241,14 +249,16 @@ def read(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     try:
         metadata = json.loads((path / METADATA).read_text())
-        version = metadata["format_version"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / METADATA}: corrupted metadata ({e})") from None
-    if not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"{path / METADATA}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {version} is newer than this cnnmnist reads "
-            f"({FORMAT_VERSION}); upgrade cnnmnist to use it"
-        )
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if schema.mismatch(version, schema.METADATA["format_version"]) is None:
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: checkpoint format version {version} is newer than this cnnmnist "
+                f"reads ({FORMAT_VERSION}); upgrade cnnmnist to use it"
+            )
+    bad = schema.mismatch(metadata, schema.METADATA)
+    if bad:
+        raise CheckpointError(f"{path / METADATA}: corrupted metadata: {bad}")
     return Checkpoint(path, metadata)

@@ -8,6 +8,7 @@ Nothing here imports TensorFlow at module level: `cnnmnist --help` must stay ins
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import click
 from cnnmnist import __version__
 from cnnmnist.distribute import STRATEGIES
 from cnnmnist.errors import CnnmnistError, Interrupted, UsageError
-from cnnmnist.presets import DATASETS, OPTIMIZERS, PRECISIONS
+from cnnmnist.model import OPTIMIZERS
+from cnnmnist.presets import DATASETS, MAX_SEED, PRECISIONS
 
 EXIT_INTERRUPTED = 130
 
@@ -37,6 +39,40 @@ class Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader of stdout went away (`| head`): nothing left to tell it. Point stdout
+            # at nothing so the interpreter's final flush does not complain either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
+        except OSError as e:  # permissions, missing parents, full disks: one line, no traceback
+            raise click.ClickException(os_error(e)) from None
+
+
+def os_error(e: OSError) -> str:
+    """'PATH: what happened' for an OS-level failure."""
+    what = e.strerror or str(e)
+    return f"{e.filename}: {what}" if e.filename is not None else what
+
+
+def _checkpoint_name(path: Path) -> Path:
+    """--out must name a directory of its own: not '', '.', '..' or '/'."""
+    if path.name in ("", ".", ".."):
+        raise click.BadParameter(
+            f"{str(path)!r} does not name a checkpoint directory of its own; give one, "
+            "e.g. --out ckpt or --out runs/seed-1",
+            param_hint="--out",
+        )
+    return path
+
+
+def _device_list(value: str | None) -> tuple[str, ...]:
+    """--devices: TensorFlow device names such as /gpu:0 or /cpu:0, comma-separated."""
+    from cnnmnist.distribute import parse_devices
+
+    try:
+        return parse_devices(value)
+    except UsageError as e:
+        raise click.BadParameter(str(e), param_hint="--devices") from None
 
 
 def _print_json(obj) -> None:
@@ -74,7 +110,7 @@ def cli() -> None:
     default=None,
     help="TOML run file (configs/*.toml); flags given here override it.",
 )
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None)
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=None)
 @click.option("--learning-rate", type=float, default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option(
@@ -83,12 +119,19 @@ def cli() -> None:
     default=None,
     help="Global batch: split over the replicas when training is distributed.",
 )
-@click.option("--seed", type=int, default=None, help="Same seed, same machine: same result.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, MAX_SEED),
+    default=None,
+    help="Same seed, same machine: same result.",
+)
 @click.option(
     "--validation-size",
     type=click.IntRange(min=0),
     default=None,
-    help="Images held out from the start of the training file (default 5000, as the chapter).",
+    help="A count of images held out for validation from the START of the training file "
+    "(the chapter's 5000), unlike Keras's validation_split, a fraction from the end. "
+    "0: none.",
 )
 @click.option(
     "--precision",
@@ -117,9 +160,15 @@ def cli() -> None:
     type=click.Path(path_type=Path),
     default=Path("ckpt"),
     show_default=True,
+    callback=lambda ctx, param, value: _checkpoint_name(value),
     help="Checkpoint directory to write.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing checkpoint at --out.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing checkpoint at --out (only a cnnmnist checkpoint or an empty "
+    "directory; anything else is refused).",
+)
 @click.option(
     "--resume",
     is_flag=True,
@@ -142,6 +191,7 @@ def cli() -> None:
 @click.option(
     "--devices",
     default=None,
+    callback=lambda ctx, param, value: _device_list(value),
     help="Comma-separated devices for one-device/mirrored, e.g. /gpu:0,/gpu:1.",
 )
 @click.option(
@@ -177,7 +227,8 @@ def train(
     """Train a preset and write a SavedModel checkpoint to --out.
 
     The state of every completed epoch is kept in OUT.partial/ until the run ends, so a
-    killed run continues with --resume; Ctrl-C stops at the next batch (exit 130).
+    killed run continues with the same command plus --resume; Ctrl-C stops within a second
+    or so, at the end of the running chunk of 50 steps (exit 130).
     """
     from cnnmnist import presets
 
@@ -192,32 +243,36 @@ def train(
         "precision": precision,
         "label_smoothing": label_smoothing,
     }
+    config_values = presets.load_config(config) if config else None
     if resume:
-        recipe_options = {**overrides, "preset": preset, "config": config, "dataset": dataset}
-        given = [f"--{k.replace('_', '-')}" for k, v in recipe_options.items() if v is not None]
-        if given:
-            raise UsageError(f"--resume continues the recorded recipe; drop {', '.join(given)}")
-        recipe, options = None, {"dataset": None}
+        # The same command plus --resume: the values given must be the recorded ones.
+        expected = {**(config_values or {}), "preset": preset, "dataset": dataset, **overrides}
+        recipe = None
+        expected = {k: v for k, v in expected.items() if v is not None}
+        options = {"dataset": "mnist"}
     else:
-        config_values = presets.load_config(config) if config else None
         recipe, options = presets.resolve(preset, config_values, dataset=dataset, **overrides)
+        expected = {}
     from cnnmnist import train as training
-    from cnnmnist.console import err
+    from cnnmnist.console import warn
 
     result = training.run(
         recipe,
-        dataset=options["dataset"],
-        data_dir=data_dir,
-        out=out,
-        force=force,
-        resume=resume,
-        device=device,
-        strategy=strategy,
-        devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
-        tensorboard=tensorboard,
+        training.Options(
+            dataset=options["dataset"],
+            data_dir=data_dir,
+            out=out,
+            force=force,
+            resume=resume,
+            device=device,
+            strategy=strategy,
+            devices=devices,
+            tensorboard=tensorboard,
+            expected=expected,
+        ),
     )
     for warning in result.warnings:
-        err().print(f"[bold red]warning:[/] {warning}")
+        warn(warning, style="bold red")
     if as_json:
         _print_json(result.to_json())
     else:
@@ -330,20 +385,21 @@ def data_cmd(dataset, data_dir, as_json) -> None:
 def evaluate(ckpt, split, dataset, data_dir, batch_size, errors_png, as_json) -> None:
     """Accuracy (with 95% CI), loss, confusion matrix and per-class report of a checkpoint."""
     from cnnmnist import evaluate as evaluation
-    from cnnmnist.console import err, evaluation_report, out
+    from cnnmnist.console import err, evaluation_report, out, warn
 
     report = evaluation.evaluate(
         ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
     )
     for warning in report.warnings:
-        err().print(f"[bold yellow]warning:[/] {warning}")
-    if errors_png:
-        shown = evaluation.write_errors(report, errors_png)
-        err().print(f"wrote the {shown} most confident mistakes to {errors_png}")
+        warn(warning)
     if as_json:
         _print_json(report.to_json())
     else:
         out().print(evaluation_report(report.to_json()))
+    if errors_png:  # after the result: a side file that cannot be written loses nothing else
+        shown, replaced = evaluation.write_errors(report, errors_png)
+        verb = "replaced" if replaced else "wrote"
+        err().print(f"{verb} {errors_png} with the {shown} most confident mistakes")
 
 
 @cli.command()
@@ -381,10 +437,18 @@ def predict(inputs, model_dir, top_k, show, as_json) -> None:
     ink, scaled to 20 px, centred by mass in 28x28.
     """
     from cnnmnist import predict as prediction
-    from cnnmnist.console import out, prediction_table
+    from cnnmnist.console import out, prediction_table, warn
 
-    stdin = sys.stdin.buffer.read() if prediction.STDIN in inputs else None
-    results = prediction.predict(list(inputs), model_dir, top_k=top_k, stdin=stdin)
+    stdin = (
+        prediction.read_bounded(sys.stdin.buffer, "<stdin>") if prediction.STDIN in inputs else None
+    )
+    results = prediction.predict(
+        list(inputs),
+        model_dir,
+        top_k=top_k,
+        stdin=stdin,
+        on_warning=warn,
+    )
     if as_json:
         _print_json([{k: v for k, v in r.items() if k != "pixels"} for r in results])
     else:

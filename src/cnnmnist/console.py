@@ -16,7 +16,14 @@ def err() -> Console:
     """Progress and status: stderr."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # status lines name paths: never wrap them
+
+
+def warn(message: str, style: str = "bold yellow") -> None:
+    """A warning on stderr (the message is text, never Rich markup)."""
+    from rich.markup import escape
+
+    err().print(f"[{style}]warning:[/] {escape(message)}")
 
 
 @cache
@@ -39,9 +46,10 @@ def epoch_line(epoch: int, epochs: int, logs: dict[str, float], seconds: float) 
 
 
 def progress_callback(
-    epochs: int, steps_per_epoch: int, initial_epoch: int = 0, live: bool | None = None
+    epochs: int, steps_per_epoch: int, history: list | None = None, live: bool | None = None
 ):
-    """A Keras callback reporting training: a live Rich bar on a terminal, else a line per epoch."""
+    """A Keras callback reporting training: a live Rich bar on a terminal, else a line per
+    epoch. Its `history` (continuing `history`, when resuming) gets a row per epoch."""
     import keras
 
     console = err()
@@ -50,7 +58,7 @@ def progress_callback(
     class Progress(keras.callbacks.Callback):
         def __init__(self) -> None:
             super().__init__()
-            self.history: list[dict[str, Any]] = []
+            self.history: list[dict[str, Any]] = list(history or [])
             self._bar = None
 
         def on_train_begin(self, logs=None):

@@ -32,6 +32,23 @@ class Role:
     chief: bool = True
 
 
+# A device as --devices names it: /gpu:0, /cpu:0, /device:GPU:1, /job:worker/replica:0/task:1/gpu:0.
+_DEVICE = re.compile(r"(/job:\w+(/replica:\d+)?(/task:\d+)?)?/(device:)?(cpu|gpu):\d+", re.I)
+
+
+def parse_devices(value: str | None) -> tuple[str, ...]:
+    """The devices of a comma-separated --devices value, each checked for form."""
+    devices = tuple(d.strip() for d in (value or "").split(",") if d.strip())
+    bad = [d for d in devices if not _DEVICE.fullmatch(d)]
+    if bad:
+        raise UsageError(
+            f"{', '.join(map(repr, bad))} is not a device name; use names such as /gpu:0 or /cpu:0"
+        )
+    if len(set(d.lower() for d in devices)) != len(devices):
+        raise UsageError(f"a device is named twice in {value!r}")
+    return devices
+
+
 def tf_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """TF_CONFIG parsed and checked: a cluster with workers, and this process's task in it."""
     raw = (os.environ if environ is None else environ).get("TF_CONFIG")
@@ -76,6 +93,13 @@ def strategy(name: str, devices: tuple[str, ...] = ()):
             raise UsageError("--devices: a multi-worker run uses every local GPU (or the CPU)")
         return _joined_cluster()
     gpus = [gpu.name for gpu in tf.config.list_logical_devices("GPU")]
+    present = {_canonical(d.name) for d in tf.config.list_logical_devices()}
+    missing = [d for d in devices if _canonical(d) not in present]
+    if missing:
+        raise CnnmnistError(
+            f"--devices: {', '.join(missing)} not on this machine; TensorFlow sees "
+            f"{', '.join(sorted(present))}"
+        )
     if name == "auto" and devices:
         name = "mirrored" if len(devices) > 1 else "one-device"
     elif name == "auto":
@@ -179,3 +203,8 @@ def failure(error: BaseException, me: Role) -> CnnmnistError | None:
     lines = [line.strip() for line in text.splitlines()]
     message = next((line for line in lines if line and not _BOILERPLATE.match(line)), "")
     return CnnmnistError(f"{who}training failed: {type(error).__name__}: {message}")
+
+
+def _canonical(device: str) -> str:
+    """/gpu:0, /device:GPU:0 and /job:localhost/replica:0/task:0/device:GPU:0 alike: GPU:0."""
+    return device.rsplit("/", 1)[-1].upper().removeprefix("DEVICE:")

@@ -1,9 +1,11 @@
-"""Build a keras.Model from a preset's model spec; the model maps raw 0..255 pixels to logits."""
+"""Architectures and optimizers, each a registered builder; a preset's model maps raw 0..255
+pixels to logits. Keras is imported only inside the builders, so the registries are cheap."""
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import keras
@@ -14,23 +16,31 @@ INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 
 
+# Architectures by name: a name and its builder are one entry (x -> features before the
+# logits). Presets name one; `Preset.validate` checks the name here.
+ARCHITECTURES: dict[str, Callable] = {}
+
+
+def architecture(name: str) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the builder of architecture `name`."""
+
+    def register(builder: Callable) -> Callable:
+        if name in ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} is already registered")
+        ARCHITECTURES[name] = builder
+        return builder
+
+    return register
+
+
 def build(preset: Preset) -> keras.Model:
     """The preset's network: raw pixels in [0, 255] -> 10 logits (scaling is part of the model)."""
     import keras
     from keras import layers
 
-    builders = {
-        "seed": _seed,
-        "seed-layers": _seed_layers,
-        "mlp": _mlp,
-        "best": _best,
-        "fast": _fast,
-    }
-    if preset.model not in builders:
-        raise ValueError(f"unknown model {preset.model!r}")
     inputs = keras.Input(INPUT_SHAPE, dtype="float32", name="pixels")
     x = layers.Rescaling(1.0 / 255, name="scale")(inputs)
-    x = builders[preset.model](x)
+    x = ARCHITECTURES[preset.model](x)
     # Logits stay float32 whatever the compute policy, so the softmax and loss are exact.
     logits = layers.Dense(NUM_CLASSES, name="logits", dtype="float32", **_init(preset))(x)
     return keras.Model(inputs, logits, name=preset.model)
@@ -47,6 +57,7 @@ def _NO_BIAS_NORMAL() -> dict:  # noqa: N802 - reads as the constant it stands f
     return {"use_bias": False, "kernel_initializer": keras.initializers.RandomNormal(0.0, 0.01)}
 
 
+@architecture("seed")
 def _seed(x):
     from keras import layers
 
@@ -63,6 +74,7 @@ def _seed(x):
     return layers.Dropout(0.3, name="dropout")(x)  # the chapter's keep_prob 0.7
 
 
+@architecture("seed-layers")
 def _seed_layers(x):
     from keras import layers
 
@@ -77,6 +89,7 @@ def _seed_layers(x):
     return layers.Dropout(0.5, name="dropout3")(x)
 
 
+@architecture("mlp")
 def _mlp(x):
     from keras import layers
 
@@ -125,6 +138,7 @@ def _dense_bn(x, units: int, momentum: float = 0.99):
     return layers.Activation("relu", name="dense_relu")(x)
 
 
+@architecture("best")
 def _best(x):
     from keras import layers
 
@@ -145,6 +159,7 @@ def _best(x):
     return layers.Dropout(0.3, name="dropout3")(_dense_bn(x, 256))
 
 
+@architecture("fast")
 def _fast(x):
     from keras import layers
 
@@ -176,23 +191,48 @@ def learning_rate(peak: float, schedule: str, total_steps: int):
     )
 
 
+def _keras_optimizer(class_name: str, **settings: Any) -> Callable:
+    def make(learning_rate):
+        import keras
+
+        return getattr(keras.optimizers, class_name)(learning_rate=learning_rate, **settings)
+
+    return make
+
+
+# Optimizers by the names presets and --optimizer use -> a function of the learning rate.
+OPTIMIZERS: dict[str, Callable] = {
+    "adam": _keras_optimizer("Adam"),
+    "adamw": _keras_optimizer("AdamW"),
+    "nadam": _keras_optimizer("Nadam"),
+    "adamax": _keras_optimizer("Adamax"),
+    "rmsprop": _keras_optimizer("RMSprop", rho=0.9),  # the chapter's decay 0.9
+    "rmsprop-tf1": lambda learning_rate: tf1_rmsprop()(learning_rate=learning_rate),
+    "sgd": _keras_optimizer("SGD"),
+    "adagrad": _keras_optimizer("Adagrad"),
+    "adadelta": _keras_optimizer("Adadelta"),
+    "lion": _keras_optimizer("Lion"),
+}
+
+
 def optimizer(name: str, learning_rate) -> keras.optimizers.Optimizer:
-    """A Keras optimizer by the names presets use (rmsprop keeps the chapter's decay 0.9)."""
+    """A Keras optimizer by its registered name."""
+    return OPTIMIZERS[name](learning_rate)
+
+
+def compile_model(recipe: Preset, steps_per_epoch: int = 1):
+    """Build and compile the preset's model: the loop trains with its optimizer, and the
+    compile settings travel in model.keras so that --resume restores the optimizer."""
     import keras
 
-    classes = {
-        "adam": keras.optimizers.Adam,
-        "adamw": keras.optimizers.AdamW,
-        "nadam": keras.optimizers.Nadam,
-        "adamax": keras.optimizers.Adamax,
-        "rmsprop": lambda learning_rate: keras.optimizers.RMSprop(learning_rate, rho=0.9),
-        "rmsprop-tf1": tf1_rmsprop(),
-        "sgd": keras.optimizers.SGD,
-        "adagrad": keras.optimizers.Adagrad,
-        "adadelta": keras.optimizers.Adadelta,
-        "lion": keras.optimizers.Lion,
-    }
-    return classes[name](learning_rate=learning_rate)
+    net = build(recipe)
+    rate = learning_rate(recipe.learning_rate, recipe.schedule, steps_per_epoch * recipe.epochs)
+    net.compile(
+        optimizer=optimizer(recipe.optimizer, rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return net
 
 
 # Images whose activations give batch norm its population statistics at the end of training.

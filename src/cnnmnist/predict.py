@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cnnmnist import checkpoint
+from cnnmnist import checkpoint, serving
 from cnnmnist.errors import CnnmnistError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 MAX_PIXELS = 50_000_000  # refuse decompression bombs before decoding (a 7000 x 7000 photo is fine)
+MAX_BYTES = 64 * 2**20  # an image file (or stdin) larger than this is refused while reading
+# Larger images are scaled down right after decoding: the digit ends up 20 px tall, and
+# float arrays of a full-size photo would take gigabytes.
+MAX_SIDE = 1024
 INK_FLOOR = 0.02  # ink below this (after background removal) is noise, not stroke
 MIN_CONTRAST = 0.1  # less contrast than this between paper and darkest stroke: no ink
 BOX = 20  # MNIST digits fit a 20 x 20 box ...
@@ -52,9 +57,32 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
+def read_bounded(stream, name: str, limit: int = MAX_BYTES) -> bytes:
+    """Read a file object to its end, refusing more than `limit` bytes (checked while
+    reading, in chunks, so /dev/zero fails fast and Ctrl-C is honoured)."""
+    data = bytearray()
+    while chunk := stream.read(1 << 20):
+        data += chunk
+        if len(data) > limit:
+            raise ImageError(f"{name}: larger than {limit >> 20} MiB, refusing to read it all")
+    return bytes(data)
+
+
+def read_file(source: str) -> bytes:
+    """The bytes of an image file, bounded by MAX_BYTES."""
+    try:
+        with open(source, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_BYTES:  # a regular file says so at once
+                raise ImageError(f"{source}: larger than {MAX_BYTES >> 20} MiB, not read")
+            return read_bounded(f, source)
+    except OSError as e:
+        raise ImageError(f"{source}: cannot read: {e.strerror or e}") from None
+
+
 def decode(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """Decode image bytes: grey in [0, 1], alpha in [0, 1] (or None), and notes."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode image bytes, upright by their EXIF orientation and at most MAX_SIDE pixels on a
+    side: grey in [0, 1], alpha in [0, 1] (or None), and notes."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not blob:
         raise ImageError(f"{name}: empty file (0 bytes)")
@@ -70,7 +98,15 @@ def decode(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None, list[
         if getattr(image, "n_frames", 1) > 1:
             notes.append(f"animated image with {image.n_frames} frames: used the first")
             image.seek(0)
+        image.draft(image.mode, (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale
         image.load()
+        # Phones store photos sideways and say so only in the EXIF Orientation tag.
+        image = ImageOps.exif_transpose(image)
+        if max(image.size) > MAX_SIDE:
+            if image.mode == "P":
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
+        grey, alpha = _grey_and_alpha(image)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -79,9 +115,9 @@ def decode(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None, list[
         raise ImageError(
             f"{name}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP)"
         ) from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, TypeError) as e:
         raise ImageError(f"{name}: cannot decode image: {e}") from None
-    return *_grey_and_alpha(image), notes
+    return grey, alpha, notes
 
 
 def _grey_and_alpha(image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -180,10 +216,7 @@ def prepare(source: str, blob: bytes | None = None) -> Prepared:
     """Read, decode and normalise one input; failures are recorded, never raised."""
     try:
         if blob is None:
-            try:
-                blob = Path(source).read_bytes()
-            except OSError as e:
-                raise ImageError(f"{source}: cannot read: {e.strerror or e}") from None
+            blob = read_file(source)
         grey, alpha, notes = decode(blob, source)
         pixels, warnings = to_mnist(ink_map(grey, alpha))
         return Prepared(source, pixels, notes + warnings)
@@ -191,45 +224,22 @@ def prepare(source: str, blob: bytes | None = None) -> Prepared:
         return Prepared(source, error=str(e))
 
 
-class Model:
-    """A checkpoint's classifier: the TFLite copy when present (fast start), else the SavedModel."""
-
-    def __init__(self, path: Path) -> None:
-        self.checkpoint = checkpoint.read(path)
-        self._runner = self._tflite()
-        self.engine = "tflite" if self._runner else "savedmodel"
-
-    def _tflite(self):
-        fast = self.checkpoint.path / checkpoint.TFLITE
-        if not fast.is_file():
-            return None
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            return None
-        try:
-            return Interpreter(model_path=str(fast)).get_signature_runner(checkpoint.SIGNATURE)
-        except (ValueError, RuntimeError):
-            return None  # a damaged fast copy: the SavedModel is the authority
-
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities [N, 10] for uint8/float pixels [N, 28, 28]."""
-        if self._runner is None:
-            return self.checkpoint.predict(pixels)
-        return checkpoint.tflite_probabilities(self._runner, pixels)
-
-
 def predict(
-    inputs: list[str], model_dir: Path, top_k: int = 3, stdin: bytes | None = None
+    inputs: list[str],
+    model_dir: Path,
+    top_k: int = 3,
+    stdin: bytes | None = None,
+    on_warning=lambda warning: None,
 ) -> list[dict[str, Any]]:
-    """Predict every input in one batched model call; one result per input, in input order."""
+    """Predict every input in one batched model call; one result per input, in input order.
+    Warnings about the model (not one image) go to on_warning."""
     sources = expand_inputs(inputs)
     if not sources:
         raise ImageError(
             f"no images found in {', '.join(inputs)} "
             f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    model = Model(model_dir)  # a bad checkpoint fails before any image is decoded
+    model = serving.engine(checkpoint.read(model_dir), on_warning)  # fails before decoding
     prepared = [prepare(source, stdin if source == STDIN else None) for source in sources]
     ready = [p for p in prepared if p.pixels is not None and p.pixels.any()]  # blank: no ink
     probs = model.probabilities(np.stack([p.pixels for p in ready])) if ready else np.zeros((0, 10))
@@ -245,7 +255,7 @@ def predict(
             "top": [],
             "warnings": list(p.warnings),
             "error": p.error,
-            "engine": model.engine,
+            "engine": model.name,
             "pixels": p.pixels,  # what the model saw (for --show; not part of --json)
         }
         if row is not None:

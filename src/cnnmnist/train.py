@@ -1,16 +1,13 @@
-"""The training run: data -> model -> fit -> test evaluation -> checkpoint."""
+"""The training run, as a few named steps: where to write -> data -> model -> fit -> the
+served model and its test accuracy -> checkpoint. `run` tells the whole story."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
-import math
 import platform
 import shlex
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,27 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from cnnmnist import __version__, checkpoint, data, distribute
+from cnnmnist import __version__, checkpoint, data, distribute, runtime
 from cnnmnist import resume as resume_state
-from cnnmnist.errors import CheckpointError, CnnmnistError, Interrupted
+from cnnmnist.errors import CheckpointError, CnnmnistError, Interrupted, UsageError
 from cnnmnist.presets import Preset
 
-# A mean cross-entropy this large puts e^-10000 on the true class: the weights have blown up
-# even while the number is still finite (Adam at lr 1000 gets here, then ReLUs die silently).
-EXPLODED_LOSS = 1e4
-# Training steps per tf.function call (Keras calls it steps_per_execution): fewer Python
-# round trips (measured +5-12% over 1 step per call on the reference model), while Ctrl-C,
-# the divergence check and the progress bar still react within about a second.
-CHUNK = 50
 # A test accuracy under this (chance is 10%), or this far under the last epoch's training
 # accuracy, means the served model is broken, whatever training reported: say so loudly.
 NEAR_CHANCE = 0.2
 FAR_BELOW_TRAINING = 0.25
-NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags of native bfloat16 math
 
 
 class TrainingDiverged(CnnmnistError):
-    """The loss became NaN, infinite, or exploded past EXPLODED_LOSS."""
+    """The loss became NaN, infinite, or exploded past callbacks.EXPLODED_LOSS."""
 
 
 @dataclass
@@ -73,199 +62,47 @@ class TrainResult:
         }
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+@dataclass(frozen=True)
+class Options:
+    """How to run, beside the recipe: data, devices, and what the user asked of --out."""
+
+    dataset: str = "mnist"
+    data_dir: Path | None = None
+    out: Path = Path("ckpt")
+    force: bool = False
+    resume: bool = False
+    device: str = "auto"
+    strategy: str = "auto"
+    devices: tuple[str, ...] = ()
+    tensorboard: Path | None = None
+    live_progress: bool | None = None
+    # With --resume: the recipe fields the user gave, which must equal the recorded ones.
+    expected: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_precision(choice: str, flags: set[str], has_gpu: bool) -> str:
-    """The Keras dtype policy for --precision; 'auto' picks what this hardware runs fast.
+@dataclass(frozen=True)
+class Destination:
+    """Where this process reads and writes. Only the chief writes what the user sees."""
 
-    bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX), else it is
-    emulated and slower than float32; float16 on GPUs (tensor cores).
-    """
-    if choice == "auto":
-        if has_gpu:
-            return "mixed_float16"
-        return "mixed_bfloat16" if flags & NATIVE_BF16 else "float32"
-    return {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[choice]
+    source: Path  # the user's --out: the resume state is read beside it
+    out: Path  # where this process writes (a scratch directory on other workers)
+    force: bool
+    tensorboard: Path | None
 
 
-def configure_device(device: str) -> None:
-    """Choose CPU or GPU before TensorFlow touches a device; GPUs grow their memory as needed."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if device == "gpu" and not gpus:
-        raise CnnmnistError(
-            "--device gpu: TensorFlow sees no GPU on this machine (use --device cpu)"
-        )
-    if device == "cpu":
-        tf.config.set_visible_devices([], "GPU")
-        return
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-
-
-def safekeeping(save_epoch):
-    """A callback that stops at the first non-finite loss or a Ctrl-C (at the end of the
-    running chunk of CHUNK steps), and otherwise calls save_epoch(epoch) after every
-    completed epoch."""
-    import keras
-
-    class Safekeeping(keras.callbacks.Callback):
-        diverged: tuple[int, int, float] | None = None
-        interrupted = False
-        completed = 0  # epochs whose state is saved
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._epoch = epoch
-
-        def on_train_batch_end(self, batch, logs=None):
-            loss = float((logs or {}).get("loss", 0.0))
-            if not math.isfinite(loss) or loss > EXPLODED_LOSS:
-                self.diverged = (self._epoch + 1, batch + 1, loss)
-            if self.diverged or self.interrupted:
-                self.model.stop_training = True
-
-        def on_epoch_end(self, epoch, logs=None):
-            if not (self.diverged or self.interrupted):  # a cut-short epoch is not saved
-                save_epoch(epoch + 1)
-                self.completed = epoch + 1
-
-    return Safekeeping()
-
-
-@contextlib.contextmanager
-def sigint_to(keeper) -> Iterator[None]:
-    """The first Ctrl-C asks training to stop within CHUNK steps; a second one aborts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        keeper.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def served_model(net, recipe: Preset, distributed: bool):
-    """The trained model as the checkpoint serves it: float32, on no distribution strategy.
-
-    Mixed-precision training keeps float32 weights; serving them in float32 is portable
-    (bfloat16 kernels exist only on some CPUs), at least as accurate, and convertible to
-    TFLite. A model trained under a strategy is copied out of it, so the export is the same
-    as a single-process run's.
-    """
-    from cnnmnist import model as models
-
-    if net.dtype_policy.name == "float32" and not distributed:
-        return net
-    with global_policy("float32"):
-        twin = models.build(recipe)
-    twin.set_weights(net.get_weights())
-    return twin
-
-
-def settle_batch_norm(served, net, images) -> None:
-    """Give the served model's batch norm its population statistics over training images
-    (see model.settle_batch_norm), and the saved training model the same ones."""
-    from cnnmnist import model as models
-
-    if not models.settle_batch_norm(served, images) or served is net:
-        return
-    for layer in served.layers:
-        if hasattr(layer, "moving_mean"):
-            twin = net.get_layer(layer.name)
-            twin.moving_mean.assign(layer.moving_mean.numpy())
-            twin.moving_variance.assign(layer.moving_variance.numpy())
-
-
-def sanity_warnings(test_accuracy: float, history: list[dict[str, Any]]) -> list[str]:
-    """What a user must hear about a finished run's test accuracy: near chance, or far below
-    what training reached (the served model does not compute what was trained)."""
-    warnings = []
-    trained = history[-1]["accuracy"] if history else None
-    if test_accuracy < NEAR_CHANCE:
-        warnings.append(
-            f"test accuracy {test_accuracy:.2%} is near chance (10%): this checkpoint "
-            "does not read digits"
-        )
-    elif trained is not None and test_accuracy < trained - FAR_BELOW_TRAINING:
-        warnings.append(
-            f"test accuracy {test_accuracy:.2%} is far below the last epoch's training "
-            f"accuracy {trained:.2%}: the served model does not compute what was trained"
-        )
-    return warnings
-
-
-def compile_model(recipe: Preset, steps_per_epoch: int = 1):
-    """Build and compile the preset's model: the loop trains with its optimizer, and the
-    compile settings travel in model.keras so that --resume restores the optimizer."""
-    import keras
-
-    from cnnmnist import model as models
-
-    net = models.build(recipe)
-    rate = models.learning_rate(
-        recipe.learning_rate, recipe.schedule, steps_per_epoch * recipe.epochs
-    )
-    net.compile(
-        optimizer=models.optimizer(recipe.optimizer, rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-    return net
-
-
-def run(
-    recipe: Preset | None,
-    *,
-    dataset: str = "mnist",
-    data_dir: Path | None = None,
-    out: Path = Path("ckpt"),
-    force: bool = False,
-    resume: bool = False,
-    device: str = "auto",
-    strategy: str = "auto",
-    devices: tuple[str, ...] = (),
-    tensorboard: Path | None = None,
-    live_progress: bool | None = None,
-) -> TrainResult:
-    """Train a recipe (or resume the interrupted run at `out`) and write its checkpoint."""
-    out = Path(out)
-    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+def run(recipe: Preset | None, options: Options) -> TrainResult:
+    """Train a recipe (or resume the interrupted run at options.out), write its checkpoint."""
+    if options.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise CnnmnistError(
             "--tensorboard needs the tensorboard package: pip install 'cnnmnist[tensorboard]'"
         )
-    role = distribute.role(strategy)  # a bad TF_CONFIG fails here, before TensorFlow loads
+    role = distribute.role(options.strategy)  # a bad TF_CONFIG fails here, before TensorFlow
     try:
-        return _run_as(
-            role,
-            recipe,
-            out,
-            force,
-            resume,
-            tensorboard,
-            dataset=dataset,
-            data_dir=data_dir,
-            device=device,
-            strategy=strategy,
-            devices=devices,
-            live_progress=live_progress,
-        )
+        with destination(role, options) as (where, state):
+            if state is not None:
+                recipe = Preset(**state["recipe"])
+                options = _recorded_options(options, state)
+            return train(recipe, state, where, role, options)
     except Exception as e:
         failure = distribute.failure(e, role)  # TensorFlow's runtime errors, as one line
         if failure is None:
@@ -273,250 +110,314 @@ def run(
         raise failure from None
 
 
-def _run_as(role, recipe, out, force, resume, tensorboard, **options) -> TrainResult:
-    run = functools.partial(_train, recipe, role=role, **options)
+@contextlib.contextmanager
+def destination(
+    role: distribute.Role, options: Options
+) -> Iterator[tuple[Destination, dict[str, Any] | None]]:
+    """The one place that decides where this process writes, and with which resume state.
+
+    The chief locks --out, checks it may be written and writes it. The other workers compute
+    every step with it but write to a scratch directory deleted at the end (TensorBoard
+    logs too); a resumed run reads the chief's state, so --out must be on shared storage.
+    """
+    out = Path(options.out)
     if not role.chief:
-        # The other workers compute every step with the chief but write only to a scratch
-        # directory, deleted at the end; a resumed run reads the chief's state (shared storage).
-        state = resume_state.load_state(out) if resume else None
-        if resume and state is None:
+        state = resume_state.load_state(out) if options.resume else None
+        if options.resume and state is None:
             raise CnnmnistError(
                 f"{resume_state.partial_dir(out)}: worker {role.index} cannot see the "
                 "interrupted run; a multi-worker --resume needs --out on storage that every "
                 "worker can read"
             )
         with tempfile.TemporaryDirectory(prefix="cnnmnist-worker-") as scratch:
-            return run(state, source=out, out=Path(scratch) / out.name, force=True)
+            logs = Path(scratch) / "tensorboard" if options.tensorboard else None
+            yield Destination(out, Path(scratch) / out.name, True, logs), state
+        return
     with resume_state.lock(out):
         checkpoint.recover(out)
-        state = resume_state.load_state(out)
-        if resume and state is None:
-            raise CnnmnistError(
-                f"{resume_state.partial_dir(out)}: no interrupted run to resume here"
-            )
-        if state is not None and not resume:
-            raise CnnmnistError(
-                f"{resume_state.partial_dir(out)}: holds an interrupted run (epoch "
-                f"{state['epoch']} of {state['recipe']['epochs']}); continue it with "
-                f"`cnnmnist train --resume --out {shlex.quote(str(out))}`, or delete that "
-                "directory to start over"
-            )
-        if out.exists() and not force:  # fail before minutes of training, not after
+        state = _interrupted_run(out, options)
+        if out.exists() and not options.force:  # fail before minutes of training, not after
             raise CheckpointError(f"{out}: already exists; pass --force to replace it")
-        return run(state, source=out, out=out, force=force, tensorboard=tensorboard)
+        checkpoint.check_replaceable(out)
+        yield Destination(out, out, options.force, options.tensorboard), state
 
 
-@contextlib.contextmanager
-def global_policy(name: str) -> Iterator[None]:
-    """Keras's dtype policy is a global: set it for the run, then leave it as found."""
+def _interrupted_run(out: Path, options: Options) -> dict[str, Any] | None:
+    """The state to resume from: with --resume, the recorded one (which the flags given must
+    match); with --force, none (an interrupted run is discarded, and the user told)."""
+    from cnnmnist.console import err
+
+    partial = resume_state.partial_dir(out)
+    if options.force and not options.resume and partial.exists():
+        try:
+            state = resume_state.load_state(out)
+            what = f"epoch {state['epoch']} of {state['recipe']['epochs']}" if state else "empty"
+        except CnnmnistError:
+            what = "unreadable"
+        resume_state.discard(out)
+        err().print(f"--force: discarded the interrupted run in {partial} ({what})", soft_wrap=True)
+        return None
+    state = resume_state.load_state(out)
+    if options.resume and state is None:
+        raise CnnmnistError(f"{partial}: no interrupted run to resume here")
+    if state is not None and not options.resume:
+        raise CnnmnistError(
+            f"{partial}: holds an interrupted run (epoch {state['epoch']} of "
+            f"{state['recipe']['epochs']}); continue it with `{_resume_command(out, False)}`, "
+            "or pass --force to discard it and start over"
+        )
+    if state is not None:
+        _check_expected(state, options.expected, partial)
+    return state
+
+
+def _check_expected(state: dict[str, Any], expected: dict[str, Any], partial: Path) -> None:
+    """--resume accepts the recorded recipe's own values; a differing one is a usage error."""
+    recorded = {**state["recipe"], "preset": state["recipe"]["name"]}
+    recorded["dataset"] = state["options"]["dataset"]
+    for key, value in expected.items():
+        if recorded.get(key) != value:
+            raise UsageError(
+                f"--{key.replace('_', '-')} {value}: the interrupted run in {partial} was "
+                f"started with {recorded.get(key)!r}; --resume continues it as recorded "
+                "(drop the flag, or pass --force to start over)"
+            )
+
+
+def _recorded_options(options: Options, state: dict[str, Any]) -> Options:
+    """A resumed run reads the dataset it started with (from where it was, unless told)."""
+    from dataclasses import replace
+
+    recorded_dir = state["options"]["data_dir"]
+    return replace(
+        options,
+        dataset=state["options"]["dataset"],
+        data_dir=options.data_dir or (Path(recorded_dir) if recorded_dir else None),
+    )
+
+
+def train(
+    recipe: Preset,
+    state: dict[str, Any] | None,
+    where: Destination,
+    role: distribute.Role,
+    options: Options,
+) -> TrainResult:
+    """Fit the recipe (from `state`, if resuming), evaluate, and write the checkpoint."""
+    started = time.perf_counter()
+    ds = data.load(options.dataset, options.data_dir)
+    runtime.configure_device(options.device)
+    engine = distribute.strategy(options.strategy, options.devices)  # before any other op
+    policy = runtime.precision_policy(recipe.precision)
+    with runtime.global_policy(policy):
+        x_train, y_train = training_split(ds, recipe)
+        net, history = fit(recipe, state, where, engine, x_train, y_train, ds, options)
+        try:  # Ctrl-C from here on: every epoch is saved, --resume writes the checkpoint
+            served = served_model(net, recipe, engine, x_train)
+            test_loss, test_accuracy = evaluate(served, ds)
+            warnings = sanity_warnings(test_accuracy, history)
+            meta = metadata(recipe, ds, len(x_train), history, policy, engine, role, started)
+            meta |= {
+                "test": {"accuracy": test_accuracy, "loss": test_loss, "n": len(ds.test_labels)}
+            }
+            meta["warnings"] = warnings
+            checkpoint.write(
+                net,
+                where.out,
+                meta,
+                overwrite=where.force,
+                check_images=ds.test_images,
+                served=served,
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted while writing the checkpoint; continue with: "
+                f"{_resume_command(where.source, where.force)}"
+            ) from None
+    resume_state.discard(where.out)
+    return TrainResult(
+        checkpoint=where.out if role.chief else None,
+        preset=recipe.name,
+        epochs=recipe.epochs,
+        test_accuracy=test_accuracy,
+        test_loss=test_loss,
+        history=history,
+        seconds=time.perf_counter() - started,
+        model=net,
+        worker=role,
+        warnings=warnings,
+    )
+
+
+def training_split(ds, recipe: Preset) -> tuple[np.ndarray, np.ndarray]:
+    """The images the recipe trains on: after the validation ones, the first train_size."""
+    x, y = ds.split("train", recipe.validation_size)
+    if recipe.train_size:
+        x, y = x[: recipe.train_size], y[: recipe.train_size]
+    return x, y
+
+
+def fit(recipe, state, where: Destination, engine, x_train, y_train, ds, options: Options):
+    """Train the model from scratch or from `state` to the recipe's last epoch, saving the
+    state after each one; returns the model and the history. Stopping early raises."""
     import keras
 
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    from cnnmnist import loop, model, pipeline
+    from cnnmnist.callbacks import safekeeping, sigint_to
+    from cnnmnist.console import progress_callback
+
+    keras.utils.set_random_seed(recipe.seed)
+    steps = pipeline.steps_per_epoch(len(x_train), recipe.batch_size, engine.num_replicas_in_sync)
+    first_epoch = state["epoch"] if state else 0
+    with engine.scope():
+        if state:
+            net = resume_state.restore(where.source, state)
+        else:
+            net = model.compile_model(recipe, steps)
+        trainer = loop.Loop(net, engine, recipe.batch_size, label_smoothing=recipe.label_smoothing)
+    progress = progress_callback(
+        recipe.epochs, steps, history=state["history"] if state else [], live=options.live_progress
+    )
+    recorded = {"dataset": ds.name, "data_dir": str(options.data_dir) if options.data_dir else None}
+    keeper = safekeeping(
+        lambda epoch: resume_state.save(net, where.out, epoch, progress.history, recipe, recorded)
+    )
+    callbacks = [progress, keeper]  # progress first: the saved history includes this epoch
+    if where.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(str(where.tensorboard), write_graph=False))
+    validation = ds.split("validation", recipe.validation_size) if recipe.validation_size else None
+    epochs = range(first_epoch, recipe.epochs)
+    if len(epochs):
+        with sigint_to(keeper):
+            trainer.fit_arrays(x_train, y_train, recipe.seed, epochs, callbacks, validation)
+    _raise_if_stopped(keeper, recipe, where, done=max(keeper.completed, first_epoch))
+    return net, progress.history
 
 
-def _train(
-    recipe: Preset | None,
-    state: dict[str, Any] | None,
-    *,
-    source: Path,
-    out: Path,
-    force: bool,
-    dataset: str,
-    data_dir: Path | None,
-    device: str,
-    strategy: str,
-    devices: tuple[str, ...],
-    role: distribute.Role,
-    live_progress: bool | None,
-    tensorboard: Path | None = None,
-) -> TrainResult:
-    """Train (from `source`'s resume state, if any) and write the checkpoint to `out`."""
-    started = time.perf_counter()
-    if state:
-        recipe = Preset(**state["recipe"])
-        dataset = state["options"]["dataset"]
-        data_dir = data_dir or state["options"]["data_dir"]
-    ds = data.load(dataset, data_dir)
+def _raise_if_stopped(keeper, recipe: Preset, where: Destination, done: int) -> None:
+    """Raise if training stopped early: diverged, or interrupted by Ctrl-C."""
+    partial = resume_state.partial_dir(where.source)
+    if keeper.diverged:
+        epoch, step, loss = keeper.diverged
+        kept = (
+            f"; the state after epoch {done} is kept in {partial} (delete it, or pass "
+            "--force, to start over)"
+            if done
+            else ""
+        )
+        raise TrainingDiverged(
+            f"training diverged: the loss became {loss:.4g} at epoch {epoch}, step {step}; "
+            f"try a lower --learning-rate than {recipe.learning_rate:g}. Nothing was written "
+            f"to {where.source}{kept}"
+        )
+    if keeper.interrupted and done:
+        raise Interrupted(
+            f"interrupted after epoch {done} of {recipe.epochs}; continue with: "
+            f"{_resume_command(where.source, where.force)}"
+        )
+    if keeper.interrupted:
+        raise Interrupted(
+            "interrupted before the first epoch ended; nothing was saved: run the same "
+            "command again to start over"
+        )
 
+
+def _resume_command(out: Path, force: bool) -> str:
+    """The command that continues the interrupted run writing `out`."""
+    # --force is needed again when the run was replacing a checkpoint that is still there.
+    again = " --force" if force and out.exists() else ""
+    return f"cnnmnist train --resume --out {shlex.quote(str(out))}{again}"
+
+
+def served_model(net, recipe: Preset, engine, x_train):
+    """The trained model as the checkpoint serves it: float32, on no distribution strategy,
+    with batch norm's statistics measured over training images.
+
+    Mixed-precision training keeps float32 weights; serving them in float32 is portable
+    (bfloat16 kernels exist only on some CPUs), at least as accurate, and convertible to
+    TFLite. A model trained under a strategy is copied out of it, so the export is the same
+    as a single-process run's. The training model gets the same statistics (model.keras).
+    """
+    from cnnmnist import model
+
+    served = net
+    if net.dtype_policy.name != "float32" or engine is not _default_strategy():
+        with runtime.global_policy("float32"):
+            served = model.build(recipe)
+        served.set_weights(net.get_weights())
+    if model.settle_batch_norm(served, x_train) and served is not net:
+        for layer in served.layers:
+            if hasattr(layer, "moving_mean"):
+                twin = net.get_layer(layer.name)
+                twin.moving_mean.assign(layer.moving_mean.numpy())
+                twin.moving_variance.assign(layer.moving_variance.numpy())
+    return served
+
+
+def evaluate(served, ds) -> tuple[float, float]:
+    """The served model's mean cross-entropy and accuracy on the test images."""
+    from cnnmnist import loop
+
+    return loop.Evaluation(served, _default_strategy())(ds.test_images, ds.test_labels)
+
+
+def sanity_warnings(test_accuracy: float, history: list[dict[str, Any]]) -> list[str]:
+    """What a user must hear about a finished run's test accuracy: near chance, or far below
+    what training reached (the served model does not compute what was trained)."""
+    trained = history[-1]["accuracy"] if history else None
+    if test_accuracy < NEAR_CHANCE:
+        return [
+            f"test accuracy {test_accuracy:.2%} is near chance (10%): this checkpoint "
+            "does not read digits"
+        ]
+    if trained is not None and test_accuracy < trained - FAR_BELOW_TRAINING:
+        return [
+            f"test accuracy {test_accuracy:.2%} is far below the last epoch's training "
+            f"accuracy {trained:.2%}: the served model does not compute what was trained"
+        ]
+    return []
+
+
+def metadata(recipe, ds, train_size, history, policy, engine, role, started) -> dict[str, Any]:
+    """What cnnmnist.json records about the run (the test result is added by the caller)."""
+    import keras
     import tensorflow as tf
 
-    configure_device(device)
-    engine = distribute.strategy(strategy, devices)  # before any op: multi-worker needs that
-    has_gpu = bool(tf.config.list_logical_devices("GPU"))
-    policy = resolve_precision(recipe.precision, cpu_flags(), has_gpu)
-    options = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None}
-    run = Run(recipe, state, source, out, force, engine, role, policy, options, started)
-    with global_policy(policy):
-        return run.fit_and_write(ds, tensorboard, live_progress)
-
-
-@dataclass
-class Run:
-    """One training run's settings, from the model to the written checkpoint."""
-
-    recipe: Preset
-    state: dict[str, Any] | None
-    source: Path  # where the resume state was read
-    out: Path  # where this process writes (a scratch directory on workers other than the chief)
-    force: bool
-    strategy: Any
-    role: distribute.Role
-    policy: str
-    options: dict[str, Any]
-    started: float
-
-    def fit_and_write(self, ds, tensorboard: Path | None, live: bool | None) -> TrainResult:
-        """Fit, evaluate on the test set, write the checkpoint, drop the resume state."""
-        import keras
-
-        from cnnmnist import loop
-        from cnnmnist.console import progress_callback
-
-        recipe, out, strategy = self.recipe, self.out, self.strategy
-        keras.utils.set_random_seed(recipe.seed)
-        x_train, y_train = ds.split("train", recipe.validation_size)
-        if recipe.train_size:
-            x_train, y_train = x_train[: recipe.train_size], y_train[: recipe.train_size]
-        replicas = strategy.num_replicas_in_sync
-        steps = loop.steps_per_epoch(len(x_train), recipe.batch_size, replicas)
-        first_epoch = self.state["epoch"] if self.state else 0
-        with strategy.scope():
-            net = (
-                resume_state.restore(self.source, self.state)
-                if self.state
-                else compile_model(recipe, steps)
-            )
-            trainer = loop.Loop(
-                net, strategy, recipe.batch_size, CHUNK, label_smoothing=recipe.label_smoothing
-            )
-        progress = progress_callback(recipe.epochs, steps, live=live)
-        progress.history = list(self.state["history"]) if self.state else []
-        keeper = safekeeping(
-            lambda epoch: resume_state.save(net, out, epoch, progress.history, recipe, self.options)
-        )
-        callbacks = [progress, keeper]  # progress first: the saved history includes this epoch
-        if tensorboard:
-            callbacks.append(
-                keras.callbacks.TensorBoard(log_dir=str(tensorboard), write_graph=False)
-            )
-        validation = (
-            ds.split("validation", recipe.validation_size) if recipe.validation_size else None
-        )
-        if first_epoch < recipe.epochs:
-            with sigint_to(keeper):
-                trainer.fit(
-                    lambda context: loop.training_batches(
-                        x_train,
-                        y_train,
-                        recipe.batch_size,
-                        recipe.seed,
-                        range(first_epoch, recipe.epochs),
-                        loop.Shard.of(context),
-                    ),
-                    range(first_epoch, recipe.epochs),
-                    steps,
-                    keras.callbacks.CallbackList(callbacks, model=net),
-                    validation,
-                )
-        self._check_stopped(keeper, first_epoch)
-        served = served_model(net, recipe, distributed=strategy is not _default_strategy())
-        settle_batch_norm(served, net, x_train)
-        test_loss, test_accuracy = loop.Evaluation(served, _default_strategy())(
-            ds.test_images, ds.test_labels
-        )
-        warnings = sanity_warnings(test_accuracy, progress.history)
-        metadata = self._metadata(ds, len(x_train), progress.history, test_loss, test_accuracy)
-        metadata["warnings"] = warnings
-        checkpoint.write(
-            net, out, metadata, overwrite=self.force, check_images=ds.test_images, served=served
-        )
-        resume_state.discard(out)
-        return TrainResult(
-            checkpoint=out if self.role.chief else None,
-            preset=recipe.name,
-            epochs=recipe.epochs,
-            test_accuracy=test_accuracy,
-            test_loss=test_loss,
-            history=progress.history,
-            seconds=time.perf_counter() - self.started,
-            model=net,
-            worker=self.role,
-            warnings=warnings,
-        )
-
-    def _check_stopped(self, keeper, first_epoch: int) -> None:
-        """Raise if training stopped early: diverged, or interrupted by Ctrl-C."""
-        recipe, out = self.recipe, self.source
-        done = max(keeper.completed, first_epoch)
-        if keeper.diverged:
-            epoch, step, loss = keeper.diverged
-            raise TrainingDiverged(
-                f"training diverged: the loss became {loss:.4g} at epoch {epoch}, step {step}; "
-                f"try a lower --learning-rate than {recipe.learning_rate:g}. Nothing was "
-                f"written to {out}"
-                + (
-                    f"; the state after epoch {done} is kept in {resume_state.partial_dir(out)} "
-                    "(delete it to start over)"
-                    if done
-                    else ""
-                )
-            )
-        if keeper.interrupted:
-            where = (
-                f"after epoch {done} of {recipe.epochs}" if done else "before the first epoch ended"
-            )
-            raise Interrupted(
-                f"interrupted {where}; continue with: cnnmnist train --resume --out "
-                f"{shlex.quote(str(out))}"
-            )
-
-    def _metadata(self, ds, train_size, history, test_loss, test_accuracy) -> dict[str, Any]:
-        """What cnnmnist.json records about the run."""
-        import keras
-        import tensorflow as tf
-
-        recipe = self.recipe
-        return {
-            "preset": recipe.name,
-            "hyperparameters": recipe.hyperparameters(),
-            "dtype_policy": self.policy,
-            "seed": recipe.seed,
-            "distribution": {
-                "strategy": type(self.strategy).__name__,
-                "replicas": self.strategy.num_replicas_in_sync,
-                "workers": self.role.workers,
-            },
-            "dataset": {
-                "name": ds.name,
-                "source": str(ds.source),
-                "checksums": ds.checksums,
-                "train_size": train_size,
-                "validation_size": recipe.validation_size,
-                "test_size": len(ds.test_images),
-            },
-            "history": history,
-            "test": {"accuracy": test_accuracy, "loss": test_loss, "n": len(ds.test_images)},
-            "reference_accuracy": recipe.reference_accuracy,
-            "versions": {
-                "cnnmnist": __version__,
-                "tensorflow": tf.__version__,
-                "keras": keras.__version__,
-                "numpy": np.__version__,
-                "python": platform.python_version(),
-            },
-            "training_seconds": round(time.perf_counter() - self.started, 3),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "signature": {
-                "name": checkpoint.SIGNATURE,
-                "input": "pixels: float32 [N, 28, 28, 1], raw values 0..255, white digit on black",
-                "output": "probabilities: float32 [N, 10]",
-            },
-        }
+    return {
+        "preset": recipe.name,
+        "hyperparameters": recipe.hyperparameters(),
+        "dtype_policy": policy,
+        "seed": recipe.seed,
+        "distribution": {
+            "strategy": type(engine).__name__,
+            "replicas": engine.num_replicas_in_sync,
+            "workers": role.workers,
+        },
+        "dataset": {
+            "name": ds.name,
+            "source": str(ds.source),
+            "checksums": ds.checksums,
+            "train_size": train_size,
+            "validation_size": recipe.validation_size,
+            "test_size": len(ds.test_images),
+        },
+        "history": history,
+        "reference_accuracy": recipe.reference_accuracy,
+        "versions": {
+            "cnnmnist": __version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "training_seconds": round(time.perf_counter() - started, 3),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "signature": {
+            "name": checkpoint.SIGNATURE,
+            "input": "pixels: float32 [N, 28, 28, 1], raw values 0..255, white digit on black",
+            "output": "probabilities: float32 [N, 10]",
+        },
+    }
 
 
 def _default_strategy():

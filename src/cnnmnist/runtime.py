@@ -1,0 +1,71 @@
+"""Setting up TensorFlow for a run: which device, which precision (Keras dtype policy)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from cnnmnist.errors import CnnmnistError
+
+NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags of native bfloat16 math
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(choice: str, flags: set[str], has_gpu: bool) -> str:
+    """The Keras dtype policy for --precision; 'auto' picks what this hardware runs fast.
+
+    bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX), else it is
+    emulated and slower than float32; float16 on GPUs (tensor cores).
+    """
+    if choice == "auto":
+        if has_gpu:
+            return "mixed_float16"
+        return "mixed_bfloat16" if flags & NATIVE_BF16 else "float32"
+    return {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[choice]
+
+
+def configure_device(device: str) -> None:
+    """Choose CPU or GPU before TensorFlow touches a device; GPUs grow their memory as needed."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "gpu" and not gpus:
+        raise CnnmnistError(
+            "--device gpu: TensorFlow sees no GPU on this machine (use --device cpu)"
+        )
+    if device == "cpu":
+        tf.config.set_visible_devices([], "GPU")
+        return
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def precision_policy(choice: str) -> str:
+    """The dtype policy for --precision on this machine (TensorFlow's devices are set up)."""
+    import tensorflow as tf
+
+    return resolve_precision(choice, cpu_flags(), bool(tf.config.list_logical_devices("GPU")))
+
+
+@contextlib.contextmanager
+def global_policy(name: str) -> Iterator[None]:
+    """Keras's dtype policy is a global: set it for the run, then leave it as found."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
