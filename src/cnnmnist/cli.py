@@ -46,6 +46,13 @@ class Cli(click.Group):
             ctx.exit(1)
         except OSError as e:  # permissions, missing parents, full disks: one line, no traceback
             raise click.ClickException(os_error(e)) from None
+        except Exception as e:  # a TensorFlow runtime error (out of memory, ...): one line
+            from cnnmnist.distribute import failure
+
+            converted = failure(e, doing=ctx.invoked_subcommand or "cnnmnist")
+            if converted is None:
+                raise  # anything else is a bug: its traceback is what a report needs
+            raise click.ClickException(str(converted)) from None
 
 
 def os_error(e: OSError) -> str:

@@ -216,10 +216,21 @@ def _identify(found: dict[str, Path] | Path) -> str | None:
 
 def download(name: str, target: Path) -> dict[str, Path]:
     """Fetch the four .gz files into target with keras.utils.get_file (hash-checked)."""
-    import keras  # noqa: PLC0415 - only downloads need Keras
-
     dataset = spec(name)
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_into(dataset, target)
+    except BaseException:
+        if created and not any(target.iterdir()):
+            target.rmdir()  # a failed download leaves no empty directory behind
+        raise
+
+
+def _download_into(dataset: DatasetSpec, target: Path) -> dict[str, Path]:
+    import keras  # only downloads need Keras
+
+    name = dataset.name
     paths: dict[str, Path] = {}
     for role, stem in STEMS.items():
         errors = []
@@ -380,7 +391,13 @@ def _where(source: dict[str, Path] | Path, role: str) -> Path:
 def check(name: str = "mnist", data_dir: Path | None = None) -> tuple[Path, list[FileCheck]]:
     """Read and verify every file of a dataset without stopping at the first fault."""
     dataset = spec(name)
-    found = locate(name, data_dir)
+    if data_dir is not None:  # the directory named, never another one found elsewhere
+        source = _sources(Path(data_dir), name) if Path(data_dir).is_dir() else None
+        if source is None:
+            raise DataError(f"{data_dir}: {_missing_message(name, data_dir, only=True)}")
+        found = (Path(data_dir), source)
+    else:
+        found = locate(name, data_dir)
     if found is None:
         raise DataError(_missing_message(name, data_dir))
     directory, source = found
@@ -430,7 +447,10 @@ def load(name: str = "mnist", data_dir: Path | None = None, allow_download: bool
     return Dataset(name=name, source=directory, checksums=checksums, **arrays)
 
 
-def _missing_message(name: str, data_dir: Path | None) -> str:
-    places = ", ".join(str(d) for d in candidate_dirs(name, data_dir))
+def _missing_message(name: str, data_dir: Path | None, only: bool = False) -> str:
     files = ", ".join(f"{s}.gz" for s in STEMS.values())
+    if only:
+        what = "no such directory" if not Path(data_dir).is_dir() else f"no {name} files here"
+        return f"{what}; expected the files {files} (or {name}.npz)"
+    places = ", ".join(str(d) for d in candidate_dirs(name, data_dir))
     return f"the {name} dataset was not found in {places}; expected the files {files}"

@@ -180,7 +180,9 @@ _PEER_ERRORS = ("UnavailableError", "AbortedError", "CancelledError", "DeadlineE
 _BOILERPLATE = re.compile(r"(Graph execution error|Detected at node|File \"|\[\[)")
 
 
-def failure(error: BaseException, me: Role) -> CnnmnistError | None:
+def failure(
+    error: BaseException, me: Role = Role(), doing: str = "training"
+) -> CnnmnistError | None:
     """A TensorFlow runtime error as one line: under multi-worker, a peer's failure names the
     peer (whose own output has the cause); None if `error` is not TensorFlow's."""
     tf = sys.modules.get("tensorflow")
@@ -202,7 +204,7 @@ def failure(error: BaseException, me: Role) -> CnnmnistError | None:
             )
     lines = [line.strip() for line in text.splitlines()]
     message = next((line for line in lines if line and not _BOILERPLATE.match(line)), "")
-    return CnnmnistError(f"{who}training failed: {type(error).__name__}: {message}")
+    return CnnmnistError(f"{who}{doing} failed: {type(error).__name__}: {message}")
 
 
 def _canonical(device: str) -> str:

@@ -1,0 +1,416 @@
+"""Careless and hostile input, table-driven: each case exits with its code and a message that
+names the path or value, prints no traceback, and leaves every file that was there
+byte-identical. Cases that could exhaust memory run in a child under an address-space limit,
+so a regression fails the test instead of the machine."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cnnmnist import checkpoint, presets, resume, serving
+from cnnmnist.cli import cli
+from cnnmnist.errors import CheckpointError, CnnmnistError, UsageError
+
+MEMORY_LIMIT = 3 * 2**30 // 2  # 1.5 GiB of address space: predict needs about 0.5 here
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """Every file under root (hidden ones too) -> SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def cnnmnist_limited(args: list[str], cwd: Path, stdin=None) -> subprocess.CompletedProcess:
+    """`cnnmnist ARGS` in a child; `predict` and `data` (which read users' bytes without
+    TensorFlow) have their address space capped at MEMORY_LIMIT. TensorFlow itself reserves
+    more address space than that, whatever it uses."""
+
+    def limit() -> None:
+        if args[0] in ("predict", "data"):
+            resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    return subprocess.run(
+        [sys.executable, "-m", "cnnmnist", *args],
+        cwd=cwd,
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit,
+    )
+
+
+@pytest.fixture
+def place(tmp_path, trained, mnist):
+    """A working directory with a user's data, notes, a checkpoint and a digit image."""
+    (tmp_path / "data").mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "NOTES.txt"):
+        (tmp_path / "data" / name).write_bytes(os.urandom(64))
+    (tmp_path / "afile").write_text("a user's file\n")
+    shutil.copytree(trained.checkpoint, tmp_path / "ckpt")
+    Image.fromarray(255 - mnist.test_images[0]).save(tmp_path / "seven.png")  # a 7, on paper
+    return tmp_path
+
+
+def bad_toml(place: Path) -> str:
+    (place / "run.toml").write_text('preset = "mlp"\nseed = -1\n')
+    return "run.toml"
+
+
+# (name, arguments (with {place} filled in), exit code, text the message must contain)
+CASES = [
+    (
+        "force on a data directory",
+        ["train", "--out", "data", "--force"],
+        1,
+        "data: not a cnnmnist checkpoint",
+    ),
+    ("force on a file", ["train", "--out", "afile", "--force"], 1, "afile: is a file"),
+    ("out is the current directory", ["train", "--out", "."], 2, "'.' does not name"),
+    ("out is the parent directory", ["train", "--out", ".."], 2, "'..' does not name"),
+    ("out is the root", ["train", "--out", "/"], 2, "'/' does not name"),
+    ("out is empty", ["train", "--out", ""], 2, "does not name a checkpoint directory"),
+    ("negative seed", ["train", "--seed", "-1", "--out", "new"], 2, "-1 is not in the range"),
+    ("seed over 32 bits", ["train", "--seed", "4294967296", "--out", "new"], 2, "4294967296"),
+    (
+        "seed in a run file",
+        ["train", "--config", "run.toml", "--out", "new"],
+        2,
+        "run.toml: seed must be",
+    ),
+    (
+        "devices of no known form",
+        ["train", "--devices", "bogus", "--out", "new"],
+        2,
+        "'bogus' is not a device",
+    ),
+    (
+        "a device named twice",
+        ["train", "--devices", "/cpu:0,/CPU:0", "--out", "new"],
+        2,
+        "named twice",
+    ),
+    ("out under a file", ["train", "--out", "afile/ckpt"], 1, "afile"),
+    (
+        "errors picture under a file",
+        ["evaluate", "ckpt", "--errors", "afile/x.png", "--split", "validation"],
+        1,
+        "afile",
+    ),
+    (
+        "data-dir that does not exist",
+        ["data", "--data-dir", "no-such-dir"],
+        1,
+        "no-such-dir: no such directory",
+    ),
+    ("data-dir without a dataset", ["data", "--data-dir", "ckpt"], 1, "ckpt: no mnist files here"),
+    (
+        "predict from /dev/zero",
+        ["predict", "--model", "ckpt", "/dev/zero", "--json"],
+        1,
+        "/dev/zero: larger than 64 MiB",
+    ),
+    (
+        "predict a file of 3 GB",
+        ["predict", "--model", "ckpt", "huge.png", "--json"],
+        1,
+        "huge.png: larger than 64 MiB",
+    ),
+    (
+        "predict a LAB TIFF among good files",
+        ["predict", "--model", "ckpt", "lab.tif", "seven.png", "--json"],
+        1,
+        "lab.tif: cannot decode image",
+    ),
+    (
+        "npz that declares gigabytes",
+        ["data", "--data-dir", "bomb", "--json"],
+        1,
+        "x_train declares uint8[4000000, 28, 28]",
+    ),
+    ("npy renamed to npz", ["data", "--data-dir", "npy", "--json"], 1, "not a valid npz file"),
+]
+PREPARE = {
+    "seed in a run file": bad_toml,
+    "predict a file of 3 GB": lambda place: _sparse(place / "huge.png", 3 * 2**30),
+    "predict a LAB TIFF among good files": lambda place: Image.new("LAB", (40, 40)).save(
+        place / "lab.tif"
+    ),
+    "npz that declares gigabytes": lambda place: _npz_bomb(place / "bomb" / "mnist.npz"),
+    "npy renamed to npz": lambda place: _npy_as_npz(place / "npy" / "mnist.npz"),
+}
+
+
+def _sparse(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def _npz_bomb(path: Path) -> None:
+    """An npz of a few MB whose x_train declares 4M x 28 x 28 bytes."""
+    path.parent.mkdir()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (4_000_000, 28, 28)}
+    )
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x_train.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            for _ in range(64):
+                member.write(bytes(1 << 20))
+
+
+def _npy_as_npz(path: Path) -> None:
+    path.parent.mkdir()
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3, np.uint8))
+
+
+@pytest.mark.parametrize("name, args, code, message", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input(name, args, code, message, place):
+    if name in PREPARE:
+        PREPARE[name](place)
+    before = tree_hashes(place)
+    result = cnnmnist_limited(args, cwd=place)
+    assert result.returncode == code, result.stderr[-2000:]
+    # The message: on stderr, or, for a per-file error, in that file's --json record.
+    assert message in result.stderr + result.stdout, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    after = tree_hashes(place)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing changed ...
+    assert not [k for k in after if k not in before and k.startswith(".")]  # ... or left
+
+
+def test_predict_from_stdin_of_dev_zero_is_bounded(place):
+    with open("/dev/zero", "rb") as zero:
+        result = cnnmnist_limited(["predict", "--model", "ckpt", "-"], cwd=place, stdin=zero)
+    assert result.returncode == 1 and "<stdin>: larger than 64 MiB" in result.stderr
+
+
+def test_a_huge_photo_is_read_within_bounded_memory(place):
+    # 7000 x 7000 RGBA (under the pixel cap): 3.1 GB peak before; now scaled down at decode.
+    pixels = np.zeros((7000, 7000, 4), np.uint8)
+    pixels[..., 3] = 255
+    pixels[2500:4500, 3300:3700, :3] = 255  # a white bar: a "1" on black
+    Image.fromarray(pixels).save(place / "big.png")
+    result = cnnmnist_limited(["predict", "--model", "ckpt", "big.png", "--json"], cwd=place)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)[0]["digit"] is not None
+
+
+def test_a_lab_tiff_fails_alone(place):
+    Image.new("LAB", (40, 40)).save(place / "lab.tif")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            "--model",
+            str(place / "ckpt"),
+            "--json",
+            str(place / "lab.tif"),
+            str(place / "seven.png"),
+        ],
+    )
+    rows = json.loads(result.stdout)
+    assert rows[0]["error"] and rows[1]["digit"] is not None  # the good file still answered
+
+
+def test_a_damaged_tflite_copy_is_not_used(place, mnist):
+    ckpt = place / "ckpt"
+    with open(ckpt / checkpoint.TFLITE, "r+b") as f:  # overwrite part of the weights
+        f.seek(4096)
+        f.write(os.urandom(8192))
+    warnings = []
+    engine = serving.engine(checkpoint.read(ckpt), warnings.append)
+    assert engine.name == "savedmodel" and "does not match the checksum" in warnings[0]
+    result = CliRunner().invoke(cli, ["predict", "--model", str(ckpt), str(place / "seven.png")])
+    assert "does not match the checksum" in result.stderr
+    assert "savedmodel" in result.stdout
+
+
+def test_evaluate_prints_its_report_before_the_errors_picture_fails(place):
+    result = CliRunner().invoke(
+        cli,
+        ["evaluate", str(place / "ckpt"), "--json", "--errors", str(place / "afile" / "x.png")],
+    )
+    assert result.exit_code == 1 and "afile" in result.stderr
+    assert json.loads(result.stdout)["n"] == 10000  # the report itself was not lost
+
+
+def test_evaluate_replaces_an_existing_errors_picture_atomically(place):
+    target = place / "errors.png"
+    target.write_bytes(b"old")
+    result = CliRunner().invoke(cli, ["evaluate", str(place / "ckpt"), "--errors", str(target)])
+    assert result.exit_code == 0, result.output
+    assert f"replaced {target}" in result.stderr
+    assert Image.open(target).format == "PNG"
+    assert [p.name for p in place.iterdir() if p.name.startswith(".errors")] == []
+
+
+def test_stdout_on_a_full_device_is_one_line(tmp_path):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "cnnmnist", "presets"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1 and "No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_star_in_out_is_a_character_not_a_pattern(tmp_path):
+    other = tmp_path / ".ab.old-999999-0"  # another checkpoint's crash backup
+    other.mkdir()
+    checkpoint.recover(tmp_path / "a*")
+    assert other.exists() and not (tmp_path / "a*").exists()
+
+
+def test_a_byte_order_mark_in_a_run_file_is_fine(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_bytes('\ufeffpreset = "mlp"\nepochs = 2\n'.encode())
+    assert presets.load_config(path) == {"preset": "mlp", "epochs": 2}
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"dataset": "mnist"}, "dataset"),
+        ({"format_version": True}, "format_version"),
+        ({"history": [{"epoch": "one"}]}, "history[0].epoch"),
+        ({"test": {"accuracy": 7, "loss": 0.1, "n": 5}}, "test.accuracy"),
+        ({"fast_path": {"file": 3}}, "fast_path.file"),
+    ],
+)
+def test_tampered_metadata_names_the_field(change, field, place):
+    meta_path = place / "ckpt" / checkpoint.METADATA
+    meta = json.loads(meta_path.read_text()) | change
+    meta_path.write_text(json.dumps(meta))
+    for command in (["inspect"], ["evaluate"]):
+        result = CliRunner().invoke(cli, [*command, str(place / "ckpt")])
+        assert result.exit_code == 1, result.output
+        assert f"corrupted metadata: {field}" in result.output
+
+
+VALID_STATE = {
+    "format_version": 1,
+    "epoch": 2,
+    "model": "epoch-2.keras",
+    "seed_states": [[0, 1]],
+    "history": [{"epoch": 1, "loss": 0.5, "accuracy": 0.9}],
+    "recipe": {"name": "seed", "description": "", "model": "seed", "epochs": 5},
+    "options": {"dataset": "mnist", "data_dir": None},
+}
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"recipe": {**VALID_STATE["recipe"], "validation_size": "abc"}}, "recipe"),
+        ({"seed_states": "none"}, "seed_states"),
+        ({"model": "../../elsewhere.keras"}, "model"),
+        ({"epoch": -1}, "epoch"),
+        ({"options": {"dataset": "cifar", "data_dir": None}}, "options.dataset"),
+    ],
+)
+def test_tampered_resume_state_names_the_field(change, field, tmp_path):
+    out = tmp_path / "ckpt"
+    resume.partial_dir(out).mkdir(parents=True)
+    (resume.partial_dir(out) / resume.STATE).write_text(json.dumps(VALID_STATE | change))
+    with pytest.raises(CnnmnistError, match=f"corrupted resume state: {field}".replace("[", r"\[")):
+        resume.load_state(out)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+def _fake_checkpoint(root: Path) -> Path:
+    ckpt = root / "fuzz-ckpt"
+    (ckpt / "variables").mkdir(parents=True, exist_ok=True)
+    for name in (
+        "saved_model.pb",
+        "variables/variables.index",
+        "variables/variables.data-0",
+        checkpoint.KERAS_MODEL,
+    ):
+        (ckpt / name).write_bytes(b"")
+    return ckpt
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    field=st.sampled_from(
+        [
+            "format_version",
+            "preset",
+            "dataset",
+            "history",
+            "test",
+            "fast_path",
+            "reference_accuracy",
+            "warnings",
+            "versions",
+        ]
+    ),
+    value=JSON,
+)
+def test_fuzzed_metadata_is_read_or_refused_with_a_message(field, value, tmp_path):
+    ckpt = _fake_checkpoint(tmp_path)
+    meta = {
+        "format_version": 1,
+        "preset": "seed",
+        "dataset": {"name": "mnist", "validation_size": 0},
+        "history": [],
+        "test": {"accuracy": 0.5, "loss": 1.0, "n": 10},
+    }
+    (ckpt / checkpoint.METADATA).write_text(json.dumps(meta | {field: value}))
+    try:
+        read = checkpoint.read(ckpt)
+    except CheckpointError as e:
+        assert str(ckpt) in str(e)
+        return
+    from cnnmnist.console import metadata_summary
+
+    metadata_summary(str(ckpt), read.metadata)  # what `inspect` renders must not crash
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(field=st.sampled_from(sorted(VALID_STATE)), value=JSON)
+def test_fuzzed_resume_state_is_read_or_refused_with_a_message(field, value, tmp_path):
+    out = tmp_path / "fuzz"
+    resume.partial_dir(out).mkdir(parents=True, exist_ok=True)
+    (resume.partial_dir(out) / resume.STATE).write_text(json.dumps(VALID_STATE | {field: value}))
+    try:
+        resume.load_state(out)
+    except (CnnmnistError, UsageError) as e:
+        assert "resume state" in str(e) or "newer cnnmnist" in str(e)
