@@ -111,6 +111,17 @@ CASES = [
     ),
     ("out under a file", ["train", "--out", "afile/ckpt"], 1, "afile"),
     (
+        (
+            "a GPU this machine lacks",
+            ["train", "--strategy", "one-device", "--devices", "/gpu:7", "--out", "new"],
+            1,
+            "/gpu:7 not on this machine",
+        ),
+        ["train", "--strategy", "one-device", "--devices", "/gpu:7", "--out", "new"],
+        1,
+        "/gpu:7 not on this machine",
+    ),
+    (
         "errors picture under a file",
         ["evaluate", "ckpt", "--errors", "afile/x.png", "--split", "validation"],
         1,
@@ -414,3 +425,22 @@ def test_fuzzed_resume_state_is_read_or_refused_with_a_message(field, value, tmp
         resume.load_state(out)
     except (CnnmnistError, UsageError) as e:
         assert "resume state" in str(e) or "newer cnnmnist" in str(e)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["predict", "--model", "ckpt", "."], ["inspect", "ckpt"], ["train", "--out", "new/ckpt"]],
+)
+def test_permission_errors_are_one_line(args, place, monkeypatch):
+    """As root (CI) nothing is unreadable, so the OS refusal is simulated where it happens."""
+    import pathlib
+
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    target = {"predict": "iterdir", "inspect": "read_text", "train": "mkdir"}[args[0]]
+    monkeypatch.chdir(place)
+    monkeypatch.setattr(pathlib.Path, target, refuse)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert "Permission denied" in result.output and "Traceback" not in result.output

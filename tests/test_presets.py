@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 from click.testing import CliRunner
 
-from cnnmnist import presets
+from cnnmnist import model, presets
 from cnnmnist.cli import cli
 from cnnmnist.errors import UsageError
 
@@ -132,3 +134,29 @@ def test_presets_command_lists_and_shows():
         assert p.name in listing.output
     one = runner.invoke(cli, ["presets", "mlp", "--json"])
     assert one.exit_code == 0 and '"name": "mlp"' in one.output
+
+
+@pytest.mark.parametrize("name", sorted(model.ARCHITECTURES))
+def test_every_registered_architecture_maps_pixels_to_ten_logits(name):
+    import numpy as np
+
+    recipe = dataclasses.replace(presets.get("seed"), model=name)
+    net = model.build(recipe)
+    logits = net(np.zeros((2, 28, 28, 1), np.float32), training=False)
+    assert tuple(logits.shape) == (2, 10) and net.name == name
+
+
+@pytest.mark.parametrize("name", sorted(model.OPTIMIZERS))
+def test_every_registered_optimizer_takes_a_step(name):
+    import keras
+
+    variable = keras.Variable([1.0, -1.0])
+    opt = model.optimizer(name, 0.1)
+    opt.apply([keras.ops.convert_to_tensor([1.0, -1.0])], [variable])
+    assert isinstance(opt, keras.optimizers.Optimizer)
+    assert abs(float(variable.numpy()[0])) < 1.0  # moved against the gradient
+
+
+def test_an_unknown_architecture_is_a_usage_error_with_a_suggestion():
+    with pytest.raises(UsageError, match="unknown model 'sed'; did you mean 'seed'"):
+        dataclasses.replace(presets.get("seed"), model="sed").validate()
