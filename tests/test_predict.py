@@ -219,3 +219,40 @@ def test_a_directory_without_images_is_an_error(tmp_path):
     (tmp_path / "notes.txt").write_text("no digits here")
     result = CliRunner().invoke(cli, ["predict", str(tmp_path), "--model", str(tmp_path / "none")])
     assert result.exit_code == 1 and "no images found in" in result.output
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_a_photo_upright(orientation, mnist):
+    """A phone stores a photo as its sensor saw it and the turn in EXIF tag 0x0112: each
+    of the eight values must give the same 28x28 input as the upright image."""
+    T = Image.Transpose
+    # What exif_transpose applies for each value, and so its inverse: how the photo is stored.
+    stored_as = {
+        1: None,
+        2: T.FLIP_LEFT_RIGHT,
+        3: T.ROTATE_180,
+        4: T.FLIP_TOP_BOTTOM,
+        5: T.TRANSPOSE,
+        6: T.ROTATE_90,  # shown after ROTATE_270
+        7: T.TRANSVERSE,
+        8: T.ROTATE_270,  # shown after ROTATE_90
+    }[orientation]
+    upright = Image.fromarray(255 - mnist.test_images[0]).resize((84, 112))  # a 7, not square
+    stored = upright.transpose(stored_as) if stored_as is not None else upright.copy()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    blob = io.BytesIO()
+    stored.save(blob, format="PNG", exif=exif.tobytes())
+    plain = io.BytesIO()
+    upright.save(plain, format="PNG")
+    got = P.prepare("photo.png", blob.getvalue())
+    want = P.prepare("upright.png", plain.getvalue())
+    assert got.error is None and np.array_equal(got.pixels, want.pixels)
+    if orientation in (5, 6, 7, 8):  # a quarter turn: ignoring the tag gives another input
+        assert not np.array_equal(P.prepare("raw.png", _without_exif(stored)).pixels, want.pixels)
+
+
+def _without_exif(image) -> bytes:
+    blob = io.BytesIO()
+    image.save(blob, format="PNG")
+    return blob.getvalue()
