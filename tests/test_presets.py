@@ -160,3 +160,13 @@ def test_every_registered_optimizer_takes_a_step(name):
 def test_an_unknown_architecture_is_a_usage_error_with_a_suggestion():
     with pytest.raises(UsageError, match="unknown model 'sed'; did you mean 'seed'"):
         dataclasses.replace(presets.get("seed"), model="sed").validate()
+
+
+def test_given_keeps_what_the_config_says_unless_a_flag_overrides_it():
+    config = {"preset": "mlp", "epochs": 3}
+    assert presets.given(None, config, epochs=None, seed=4) == {
+        "preset": "mlp",
+        "epochs": 3,
+        "seed": 4,
+    }
+    assert presets.given("seed", config, epochs=5) == {"preset": "seed", "epochs": 5}

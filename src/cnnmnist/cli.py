@@ -251,12 +251,9 @@ def train(
         "label_smoothing": label_smoothing,
     }
     config_values = presets.load_config(config) if config else None
-    if resume:
-        # The same command plus --resume: the values given must be the recorded ones.
-        expected = {**(config_values or {}), "preset": preset, "dataset": dataset, **overrides}
-        recipe = None
-        expected = {k: v for k, v in expected.items() if v is not None}
-        options = {"dataset": "mnist"}
+    if resume:  # the same command plus --resume: what was given must match the record
+        recipe, options = None, {"dataset": "mnist"}
+        expected = presets.given(preset, config_values, dataset=dataset, **overrides)
     else:
         recipe, options = presets.resolve(preset, config_values, dataset=dataset, **overrides)
         expected = {}

@@ -189,6 +189,13 @@ def resolve(
     return recipe, options
 
 
+def given(preset: str | None, config: dict[str, Any] | None, **flags: Any) -> dict[str, Any]:
+    """Every recipe value the user gave (config file, then flags): a resumed run checks them
+    against the recorded recipe instead of resolving a new one."""
+    flags = {"preset": preset, **flags}
+    return {**(config or {}), **{k: v for k, v in flags.items() if v is not None}}
+
+
 # The reference chapter's test accuracies, by (preset, optimizer).
 BOOK_ACCURACY = {
     ("seed", "adam"): 0.9926,  # chapter 7.2
