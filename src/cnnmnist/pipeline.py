@@ -82,8 +82,8 @@ def _gather_weighted(x, y):
 def _prefetched(ds):
     """Two batches ahead, without tf.data's autotuning.
 
-    With autotuning, destroying a finished iterator took 8.6-9.5 s in 4 of 6 runs here (the
-    "fit() takes seconds to return" oddity, in our loop too); without, 0 s in 5 of 5.
+    With autotuning, destroying a finished iterator often stalled for seconds here (the
+    "fit() takes seconds to return" oddity; docs/results.md, Speed); without, it does not.
     Gathering a batch is cheap, so fixed small parallelism loses nothing.
     """
     import tensorflow as tf
