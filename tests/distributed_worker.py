@@ -55,10 +55,10 @@ def record(path: str) -> None:
     """Wrap the sharding function so that the rows it gives each epoch are saved."""
     import tensorflow as tf
 
-    from cnnmnist import loop
+    from cnnmnist import pipeline
 
     epochs: list[np.ndarray] = []
-    shard_rows = loop.replica_rows
+    shard_rows = pipeline.replica_rows
 
     def recording(order, steps, global_batch, shard, pad=False):
         rows = shard_rows(order, steps, global_batch, shard, pad)
@@ -73,7 +73,7 @@ def record(path: str) -> None:
         recorded.set_shape(rows.shape)
         return recorded
 
-    loop.replica_rows = recording
+    pipeline.replica_rows = recording
     atexit.register(lambda: np.save(path, np.stack(epochs)))
 
 

@@ -82,13 +82,13 @@ def test_bad_tf_config_exits_2_before_training(tmp_path, monkeypatch):
 def test_replicas_read_disjoint_slices_that_make_up_each_global_batch(workers, local):
     import tensorflow as tf
 
-    from cnnmnist import loop
+    from cnnmnist import pipeline
 
     replicas, batch, steps = workers * local, 12, 4
     order = np.random.default_rng(0).permutation(60)  # 60 = 5 batches: one left over
     rows = [
-        loop.replica_rows(
-            tf.constant(order), steps, batch, loop.Shard(replicas, w * local, local)
+        pipeline.replica_rows(
+            tf.constant(order), steps, batch, pipeline.Shard(replicas, w * local, local)
         ).numpy()
         for w in range(workers)
     ]
@@ -105,13 +105,13 @@ def test_replicas_read_disjoint_slices_that_make_up_each_global_batch(workers, l
 
 
 def test_evaluation_splits_cover_every_image_once():
-    from cnnmnist import loop
+    from cnnmnist import pipeline
 
     images = np.zeros((2500, 28, 28), dtype=np.uint8)
     labels = np.arange(2500)  # stand-ins that name each image
     got, sizes = [], []
     for w in range(2):
-        ds = loop.evaluation_batches(images, labels, loop.Shard(2, w, 1))
+        ds = pipeline.evaluation_batches(images, labels, pipeline.Shard(2, w, 1))
         for _, y, weight in ds:
             sizes.append(len(y))
             got += y.numpy()[weight.numpy() == 1].tolist()
@@ -124,21 +124,21 @@ def test_evaluation_splits_cover_every_image_once():
 
 
 def test_a_small_evaluation_set_is_not_padded_beyond_itself():
-    from cnnmnist import loop
+    from cnnmnist import pipeline
 
-    batches = list(loop.evaluation_batches(np.zeros((3, 28, 28), np.uint8), np.arange(3)))
+    batches = list(pipeline.evaluation_batches(np.zeros((3, 28, 28), np.uint8), np.arange(3)))
     assert [len(y) for _, y, _ in batches] == [3]
 
 
 def test_the_global_batch_must_split_over_the_replicas():
-    from cnnmnist import loop
+    from cnnmnist import pipeline
 
-    assert loop.steps_per_epoch(55000, 100, 4) == 550
-    assert loop.steps_per_epoch(55000, 128, 2) == 429  # the 88 left over change every epoch
+    assert pipeline.steps_per_epoch(55000, 100, 4) == 550
+    assert pipeline.steps_per_epoch(55000, 128, 2) == 429  # the 88 left over change every epoch
     with pytest.raises(UsageError, match="does not split evenly over 3 replicas"):
-        loop.steps_per_epoch(55000, 100, 3)
+        pipeline.steps_per_epoch(55000, 100, 3)
     with pytest.raises(UsageError, match="larger than the 50 training images"):
-        loop.steps_per_epoch(50, 100, 1)
+        pipeline.steps_per_epoch(50, 100, 1)
 
 
 def _launch(args, env=None, record=None, logical_cpus=None, fail=False):
