@@ -60,3 +60,4 @@ def trained(tmp_path_factory, mnist_dir):
 def _isolated_cache(tmp_path, monkeypatch):
     """No test reads or writes the user's real cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # nor Keras's own downloads

@@ -151,21 +151,45 @@ def test_corrupt_gzip_is_a_data_error(tmp_path):
         data.load("mnist", tmp_path, allow_download=False)
 
 
-def test_search_order_flag_env_system_cache(tmp_path, monkeypatch):
+def test_search_order_flag_env_system_keras_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNMNIST_DATA_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     cache = tmp_path / "xdg" / "cnnmnist" / "mnist"
+    keras = tmp_path / "keras" / "datasets"
     assert data.candidate_dirs("mnist", tmp_path / "flag") == [
         tmp_path / "flag",
         tmp_path / "env",
+        keras,
         cache,
     ]
     assert data.download_dir("mnist", None) == tmp_path / "env"
     monkeypatch.delenv("CNNMNIST_DATA_DIR")
-    assert data.candidate_dirs("mnist", None) == [cache]
-    assert data.download_dir("mnist", None) == cache
+    assert data.candidate_dirs("mnist", None) == [keras, cache]
+    assert data.download_dir("mnist", None) == cache  # never into Keras's directory
     fashion = data.candidate_dirs("fashion-mnist", None)
-    assert fashion[0] == data.Path(data.SPECS["fashion-mnist"].system_dirs[0])
+    assert fashion == [
+        data.Path(data.SPECS["fashion-mnist"].system_dirs[0]),
+        tmp_path / "xdg" / "cnnmnist" / "fashion-mnist",
+    ]
+    assert data.download_dir("fashion-mnist", None) == fashion[1]  # never into /usr/share
+
+
+def test_a_keras_users_mnist_npz_is_found_verified_and_used(tmp_path, monkeypatch, mnist):
+    monkeypatch.delenv("CNNMNIST_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    (tmp_path / "keras" / "datasets").mkdir(parents=True)
+    # The file keras.datasets.mnist.load_data() writes: the four arrays under these keys.
+    np.savez_compressed(
+        tmp_path / "keras" / "datasets" / "mnist.npz",
+        x_train=mnist.train_images,
+        y_train=mnist.train_labels,
+        x_test=mnist.test_images,
+        y_test=mnist.test_labels,
+    )
+    found = data.load("mnist", allow_download=False)
+    assert found.source == tmp_path / "keras" / "datasets"
+    assert found.checksums == mnist.checksums  # verified against the canonical MD5s
 
 
 def test_a_directory_holding_another_dataset_is_passed_over(tmp_path, monkeypatch, mnist_dir):

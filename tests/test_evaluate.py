@@ -198,3 +198,14 @@ def test_not_a_checkpoint(tmp_path, command):
     ):
         result = CliRunner().invoke(cli, [command, str(tmp_path / target)])
         assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_evaluate_and_inspect_default_to_ckpt_like_predict(trained, tmp_path, monkeypatch):
+    shutil.copytree(trained.checkpoint, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    inspected = CliRunner().invoke(cli, ["inspect", "--json"])
+    assert inspected.exit_code == 0, inspected.output
+    assert json.loads(inspected.stdout)["preset"] == "seed"
+    evaluated = CliRunner().invoke(cli, ["evaluate", "--json", "--split", "validation"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["checkpoint"] == "ckpt"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.shell_completion import CompletionItem
 
 from cnnmnist import __version__
 from cnnmnist.distribute import STRATEGIES
@@ -61,6 +62,40 @@ def os_error(e: OSError) -> str:
     return f"{e.filename}: {what}" if e.filename is not None else what
 
 
+def _show_version(ctx: click.Context) -> None:
+    click.echo(f"cnnmnist {__version__}\n{versions_report()}")
+    ctx.exit()
+
+
+def versions_report() -> str:
+    """What a bug report needs, from package metadata (importing nothing heavy)."""
+    import platform
+    from importlib import metadata
+
+    from cnnmnist.runtime import NATIVE_BF16, cpu_flags
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"{name} {version(name)}" for name in ("tensorflow", "keras", "ai-edge-litert")]
+    lines.append(f"python {platform.python_version()} ({platform.platform()})")
+    bf16 = sorted(cpu_flags() & NATIVE_BF16)
+    lines.append(f"native bfloat16: {'yes (' + ', '.join(bf16) + ')' if bf16 else 'no'}")
+    gpus = sorted(Path("/proc/driver/nvidia/gpus").glob("*"))
+    lines.append(f"NVIDIA GPUs seen by the driver: {len(gpus)}")
+    return "\n".join(lines)
+
+
+def _preset_names(incomplete: str) -> list[str]:
+    """Shell completion of preset names."""
+    from cnnmnist import presets
+
+    return [p.name for p in presets.all_presets() if p.name.startswith(incomplete)]
+
+
 def _checkpoint_name(path: Path) -> Path:
     """--out must name a directory of its own: not '', '.', '..' or '/'."""
     if path.name in ("", ".", ".."):
@@ -102,14 +137,24 @@ json_option = click.option(
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="cnnmnist")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, param, value: _show_version(ctx) if value else None,
+    help="Show the versions of cnnmnist and its libraries, and the hardware seen; exit.",
+)
 def cli() -> None:
     """Train, check and use a convolutional digit classifier."""
 
 
 @cli.command()
 @click.option(
-    "--preset", default=None, help="Named recipe (see `cnnmnist presets`). Default: seed."
+    "--preset",
+    default=None,
+    shell_complete=lambda ctx, param, incomplete: _preset_names(incomplete),
+    help="Named recipe (see `cnnmnist presets`). Default: seed.",
 )
 @click.option(
     "--config",
@@ -291,7 +336,9 @@ def train(
 
 
 @cli.command("presets")
-@click.argument("name", required=False)
+@click.argument(
+    "name", required=False, shell_complete=lambda ctx, param, incomplete: _preset_names(incomplete)
+)
 @json_option
 def presets_cmd(name, as_json) -> None:
     """List the presets, or show one in full."""
@@ -371,7 +418,13 @@ def data_cmd(dataset, data_dir, as_json) -> None:
 
 
 @cli.command()
-@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument(
+    "ckpt",
+    type=click.Path(path_type=Path),
+    default=Path("ckpt"),
+    required=False,
+    shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
+)
 @click.option(
     "--split", type=click.Choice(["test", "validation", "train"]), default="test", show_default=True
 )
@@ -407,7 +460,13 @@ def evaluate(ckpt, split, dataset, data_dir, batch_size, errors_png, as_json) ->
 
 
 @cli.command()
-@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument(
+    "ckpt",
+    type=click.Path(path_type=Path),
+    default=Path("ckpt"),
+    required=False,
+    shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
+)
 @json_option
 def inspect(ckpt, as_json) -> None:
     """Show a checkpoint's metadata: preset, hyper-parameters, history, test metrics, versions."""
@@ -429,6 +488,7 @@ def inspect(ckpt, as_json) -> None:
     type=click.Path(path_type=Path),
     default=Path("ckpt"),
     show_default=True,
+    shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
     help="Checkpoint directory.",
 )
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)

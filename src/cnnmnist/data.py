@@ -155,15 +155,25 @@ def cache_dir(name: str) -> Path:
     return Path(base) / "cnnmnist" / name
 
 
+def keras_datasets_dir() -> Path:
+    """Where `keras.datasets.mnist.load_data()` keeps its mnist.npz: $KERAS_HOME/datasets,
+    else ~/.keras/datasets."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "datasets"
+
+
 def candidate_dirs(name: str, data_dir: Path | None) -> list[Path]:
-    """Where to look, in order: --data-dir, CNNMNIST_DATA_DIR, system directories, the cache."""
+    """Where to look, in order: --data-dir, CNNMNIST_DATA_DIR, system directories, Keras's
+    own download of MNIST (mnist.npz), the cache."""
     explicit = [Path(d) for d in (data_dir, os.environ.get("CNNMNIST_DATA_DIR")) if d]
-    return explicit + [Path(d) for d in spec(name).system_dirs] + [cache_dir(name)]
+    keras = [keras_datasets_dir()] if name == "mnist" else []
+    return explicit + [Path(d) for d in spec(name).system_dirs] + keras + [cache_dir(name)]
 
 
 def download_dir(name: str, data_dir: Path | None) -> Path:
-    """Where a missing dataset is downloaded to: the directory the user named, else the cache."""
-    return candidate_dirs(name, data_dir)[0]
+    """Where a missing dataset is downloaded to: the directory the user named, else the cache
+    (never a system directory, nor Keras's)."""
+    named = [Path(d) for d in (data_dir, os.environ.get("CNNMNIST_DATA_DIR")) if d]
+    return named[0] if named else cache_dir(name)
 
 
 def _files_in(directory: Path, stem: str) -> Path | None:
