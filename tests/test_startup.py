@@ -102,3 +102,78 @@ def test_a_keras_user_with_another_backend_still_gets_tensorflow(how, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "tensorflow"
+
+
+NATIVE = ("I0000", "W0000", "E0000", "absl::InitializeLog", "XNNPACK", "oneDNN")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, mnist_dir):
+    """A few steps of the mlp, trained in a subprocess: its stderr and its checkpoint."""
+    out = tmp_path_factory.mktemp("quiet") / "ckpt"
+    args = ["train", "--preset", "mlp", "--epochs", "1", "--train-size", "2000"]
+    proc = _run([*args, "--data-dir", str(mnist_dir), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stderr
+
+
+def test_training_and_predicting_are_quiet_by_default(tiny_checkpoint, mnist, tmp_path):
+    out, train_stderr = tiny_checkpoint
+    from PIL import Image
+
+    Image.fromarray(255 - mnist.test_images[0]).save(tmp_path / "seven.png")
+    predicted = _run(["predict", "--model", str(out), str(tmp_path / "seven.png")])
+    assert predicted.returncode == 0, predicted.stderr
+    for stderr in (train_stderr, predicted.stderr):
+        assert not [line for line in stderr.splitlines() if any(n in line for n in NATIVE)]
+    assert "epoch 1/1" in train_stderr  # our own lines still come through
+    loud = _run(["--verbose", "predict", "--model", str(out), str(tmp_path / "seven.png")])
+    assert loud.returncode == 0 and "XNNPACK" in loud.stderr
+
+
+def test_verbose_training_shows_tensorflows_lines(tmp_path, mnist_dir):
+    args = ["--verbose", "train", "--preset", "mlp", "--epochs", "1", "--train-size", "1000"]
+    proc = _run([*args, "--data-dir", str(mnist_dir), "--out", str(tmp_path / "c")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(line.startswith(("I0000", "W0000", "E0000")) for line in proc.stderr.splitlines())
+
+
+def test_a_failure_of_tensorflow_itself_is_not_hidden(tmp_path):
+    """A TensorFlow that cannot load: its error still reaches the user."""
+    fake = tmp_path / "fake" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ImportError('libtensorflow_framework.so.2: cannot open')"
+    )
+    env = {"PYTHONPATH": str(tmp_path / "fake")}
+    proc = _run(["train", "--out", str(tmp_path / "c")], env=env)
+    assert proc.returncode != 0
+    assert "libtensorflow_framework.so.2: cannot open" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "line, routine",
+    [
+        (
+            "WARNING: All log messages before absl::InitializeLog() is called are written",
+            True,
+        ),
+        (
+            "I0000 00:00:1795889430.907198   19805 cudart_stub.cc:31] Could not find cuda drivers",
+            True,
+        ),
+        (
+            "E0000 00:00:1795889434.122907   19805 cuda_platform.cc:52] failed call to cuInit: X",
+            True,
+        ),
+        ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", True),
+        ("E0000 00:00:1795889434.122907   19805 op_kernel.cc:1840] OP_REQUIRES failed: OOM", False),
+        ("F0000 00:00:1795889434.122907   19805 stream.cc:12] Check failed: ok", False),
+        ("Segmentation fault (core dumped)", False),
+        ("Traceback (most recent call last):", False),
+    ],
+)
+def test_only_routine_native_lines_are_dropped(line, routine):
+    from cnnmnist.quiet import NOISE
+
+    assert bool(NOISE.match(line)) is routine

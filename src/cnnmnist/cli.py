@@ -145,8 +145,21 @@ json_option = click.option(
     callback=lambda ctx, param, value: _show_version(ctx) if value else None,
     help="Show the versions of cnnmnist and its libraries, and the hardware seen; exit.",
 )
-def cli() -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Also show TensorFlow's own start-up and runtime log lines (hidden by default).",
+)
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """Train, check and use a convolutional digit classifier."""
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    elif ctx.invoked_subcommand in ("train", "evaluate", "predict"):  # they load TF or LiteRT
+        from cnnmnist.quiet import filter_native_stderr
+
+        filter_native_stderr()
 
 
 @cli.command()
