@@ -209,3 +209,34 @@ def test_evaluate_and_inspect_default_to_ckpt_like_predict(trained, tmp_path, mo
     evaluated = CliRunner().invoke(cli, ["evaluate", "--json", "--split", "validation"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["checkpoint"] == "ckpt"
+
+
+def test_inspect_plot_draws_the_learning_curves(trained, tmp_path):
+    from cnnmnist import plots
+
+    target = tmp_path / "curves.png"
+    result = CliRunner().invoke(cli, ["inspect", str(trained.checkpoint), "--plot", str(target)])
+    assert result.exit_code == 0, result.output
+    image = Image.open(target)
+    assert image.format == "PNG"
+    assert image.size == (plots.SIZE[0] * plots.DPI, plots.SIZE[1] * plots.DPI)
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50  # axes, lines, markers and text: not blank
+    red = (pixels[:, 0] > 200) & (pixels[:, 1] < 80) & (pixels[:, 2] < 80)
+    assert red.sum() > 20  # the test result's red star is there
+
+
+def test_inspect_plot_without_matplotlib_says_how_to_get_it(trained, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
+    result = CliRunner().invoke(
+        cli, ["inspect", str(trained.checkpoint), "--plot", str(tmp_path / "c.png")]
+    )
+    assert result.exit_code == 1 and "pip install 'cnnmnist[plot]'" in result.output
+    assert not (tmp_path / "c.png").exists()

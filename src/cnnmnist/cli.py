@@ -480,17 +480,29 @@ def evaluate(ckpt, split, dataset, data_dir, batch_size, errors_png, as_json) ->
     required=False,
     shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw the learning curves (loss and accuracy per epoch, the test result "
+    "marked) into this PNG. Needs matplotlib: pip install 'cnnmnist[plot]'.",
+)
 @json_option
-def inspect(ckpt, as_json) -> None:
+def inspect(ckpt, plot, as_json) -> None:
     """Show a checkpoint's metadata: preset, hyper-parameters, history, test metrics, versions."""
     from cnnmnist import checkpoint
-    from cnnmnist.console import metadata_summary, out
+    from cnnmnist.console import err, metadata_summary, out
 
     meta = checkpoint.read(ckpt).metadata
     if as_json:
         _print_json(meta)
     else:
         out().print(metadata_summary(str(ckpt), meta))
+    if plot:  # after the result, as evaluate --errors
+        from cnnmnist import plots
+
+        plots.curves(meta, plot, str(ckpt))
+        err().print(f"drew the learning curves into {plot}")
 
 
 @cli.command()
