@@ -38,7 +38,13 @@ def lock(out: Path) -> Iterator[None]:
     The lock file `.OUT.lock` is removed on release. A process that opened it just before
     the removal holds a lock on a file no longer at that path: it sees that and tries again.
     """
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        raise CnnmnistError(
+            "cnnmnist train runs on Linux and macOS (its one-writer lock uses POSIX fcntl); "
+            "on Windows, use WSL"
+        ) from None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_name(f".{out.name}.lock")
