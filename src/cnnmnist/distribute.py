@@ -1,4 +1,4 @@
-"""Choosing a tf.distribute strategy, and who writes: the chief of a multi-worker cluster.
+"""Choosing a tf.distribute strategy; who writes (the chief); how workers join and fail.
 
 Managed platforms (Vertex AI custom training, Kubeflow's TFJob) start the same command on
 every machine and describe the cluster in the TF_CONFIG environment variable;
