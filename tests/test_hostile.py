@@ -269,6 +269,9 @@ def test_evaluate_replaces_an_existing_errors_picture_atomically(place):
     assert result.exit_code == 0, result.output
     assert f"replaced {target}" in result.stderr
     assert Image.open(target).format == "PNG"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not a temporary's
     assert [p.name for p in place.iterdir() if p.name.startswith(".errors")] == []
 
 
