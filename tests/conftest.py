@@ -61,3 +61,13 @@ def _isolated_cache(tmp_path, monkeypatch):
     """No test reads or writes the user's real cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # nor Keras's own downloads
+
+
+def without_package(monkeypatch, package: str) -> None:
+    """Make importlib say `package` is not installed (as for a user without an extra)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
+    )

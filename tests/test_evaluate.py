@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import without_package
 from PIL import Image
 
 from cnnmnist import checkpoint, evaluate
@@ -227,14 +228,7 @@ def test_inspect_plot_draws_the_learning_curves(trained, tmp_path):
 
 
 def test_inspect_plot_without_matplotlib_says_how_to_get_it(trained, tmp_path, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "matplotlib" else real(name, *a),
-    )
+    without_package(monkeypatch, "matplotlib")
     result = CliRunner().invoke(
         cli, ["inspect", str(trained.checkpoint), "--plot", str(tmp_path / "c.png")]
     )

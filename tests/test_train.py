@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import without_package
 
 from cnnmnist import checkpoint, model, presets, train
 from cnnmnist.cli import cli
@@ -169,14 +170,7 @@ def test_gpu_device_without_a_gpu_fails_clearly(tmp_path, mnist_dir):
 
 
 def test_tensorboard_without_the_package_fails_before_training(tmp_path, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "tensorboard" else real(name, *a),
-    )
+    without_package(monkeypatch, "tensorboard")
     result = CliRunner().invoke(
         cli, ["train", "--tensorboard", str(tmp_path / "tb"), "--out", str(tmp_path / "c")]
     )

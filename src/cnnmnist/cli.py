@@ -131,6 +131,13 @@ data_dir_option = click.option(
     help="Directory with the four IDX files (or mnist.npz). Default: $CNNMNIST_DATA_DIR, then the "
     "user cache, downloading there if missing.",
 )
+checkpoint_argument = click.argument(
+    "ckpt",
+    type=click.Path(path_type=Path),
+    default=Path("ckpt"),
+    required=False,
+    shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
+)
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object on stdout."
 )
@@ -431,13 +438,7 @@ def data_cmd(dataset, data_dir, as_json) -> None:
 
 
 @cli.command()
-@click.argument(
-    "ckpt",
-    type=click.Path(path_type=Path),
-    default=Path("ckpt"),
-    required=False,
-    shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
-)
+@checkpoint_argument
 @click.option(
     "--split", type=click.Choice(["test", "validation", "train"]), default="test", show_default=True
 )
@@ -473,13 +474,7 @@ def evaluate(ckpt, split, dataset, data_dir, batch_size, errors_png, as_json) ->
 
 
 @cli.command()
-@click.argument(
-    "ckpt",
-    type=click.Path(path_type=Path),
-    default=Path("ckpt"),
-    required=False,
-    shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
-)
+@checkpoint_argument
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
