@@ -179,9 +179,7 @@ def write(
         raise CheckpointError(f"{out}: already exists; pass --force to replace it")
     check_replaceable(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide the checkpoint from others
     moved = None
     try:
         export_saved_model(served or model, tmp)
@@ -204,6 +202,13 @@ def write(
     if moved is not None:
         shutil.rmtree(moved, ignore_errors=True)
     return out
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(root: Path) -> None:
