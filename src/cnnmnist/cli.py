@@ -444,6 +444,20 @@ def data_cmd(dataset, data_dir, as_json) -> None:
 )
 @dataset_option
 @data_dir_option
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Evaluate on your own labelled images instead: a folder with one subfolder per digit "
+    "(DIR/0/ ... DIR/9/), each image prepared exactly as `predict` prepares it.",
+)
+@click.option(
+    "--corruptions",
+    is_flag=True,
+    help="Report the accuracy on the split under a fixed suite of corruptions (noise, blur, "
+    "slant, scale, rotation, stroke width, low resolution, light, occlusion, edges).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option(
     "--errors",
@@ -453,16 +467,47 @@ def data_cmd(dataset, data_dir, as_json) -> None:
     help="Write a PNG of the most confident mistakes here.",
 )
 @json_option
-def evaluate(ckpt, split, dataset, data_dir, batch_size, errors_png, as_json) -> None:
+@click.pass_context
+def evaluate(
+    ctx, ckpt, split, dataset, data_dir, images_dir, corruptions, batch_size, errors_png, as_json
+) -> None:
     """Accuracy (with 95% CI), loss, confusion matrix and per-class report of a checkpoint."""
     from cnnmnist import evaluate as evaluation
-    from cnnmnist.console import err, evaluation_report, out, warn
+    from cnnmnist.console import err, evaluation_report, out, robustness_table, warn
 
-    report = evaluation.evaluate(
-        ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
-    )
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("split", "dataset", "data_dir")
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    if images_dir and (given or corruptions):
+        raise click.UsageError(
+            f"--images evaluates your own folder; it does not go with "
+            f"{', '.join(given + ['--corruptions'] * corruptions)}"
+        )
+    if corruptions and errors_png:
+        raise click.UsageError("--errors draws one evaluation's mistakes; not with --corruptions")
+    if corruptions:
+        result = evaluation.robustness(
+            ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
+        )
+        for warning in result["warnings"]:
+            warn(warning)
+        if as_json:
+            _print_json(result)
+        else:
+            out().print(robustness_table(result))
+        return
+    if images_dir:
+        report = evaluation.evaluate_folder(ckpt, images_dir, batch_size=batch_size)
+    else:
+        report = evaluation.evaluate(
+            ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
+        )
     for warning in report.warnings:
         warn(warning)
+    for bad in report.unreadable:
+        warn(f"{bad['file']}: {bad['error'].removeprefix(bad['file'] + ': ')}; not evaluated")
     if as_json:
         _print_json(report.to_json())
     else:

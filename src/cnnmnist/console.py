@@ -170,6 +170,36 @@ def evaluation_report(report: dict[str, Any]):
     return Group(headline, cm, pc, pairs)
 
 
+def robustness_table(report: dict[str, Any]):
+    """The --corruptions report: one row per corruption, the clean accuracy and the mean."""
+    from rich.table import Table
+
+    clean = report["clean_accuracy"]
+    table = Table(
+        title=f"accuracy under corruption: {report['dataset']} / {report['split']}, "
+        f"n {report['n']}, seed {report['seed']}",
+        caption=f"mean {report['mean_accuracy']:.2%} (clean {clean:.2%}); the error is "
+        f"{report['mean_error_ratio']:.1f}x the clean error on average",
+    )
+    for column in ("corruption", "accuracy", "vs clean", "worst class (recall)"):
+        table.add_column(column, justify="left" if column[0] in "cw" else "right")
+    table.add_row("(clean)", f"{clean:.2%}", "", _worst(report["clean_worst_class"]))
+    for row in report["corruptions"]:
+        drop = row["accuracy"] - clean
+        style = "red" if drop < -0.1 else "yellow" if drop < -0.02 else "green"
+        table.add_row(
+            row["name"],
+            f"[{style}]{row['accuracy']:.2%}[/]",
+            f"{drop:+.2%}",
+            _worst(row["worst_class"]),
+        )
+    return table
+
+
+def _worst(worst: dict[str, Any]) -> str:
+    return f"{worst['label']} ({worst['recall']:.0%})"
+
+
 def metadata_summary(path: str, meta: dict[str, Any]):
     """Rich renderables summarising a checkpoint's metadata."""
     from rich.console import Group

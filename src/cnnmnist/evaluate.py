@@ -1,4 +1,5 @@
-"""Metrics from a checkpoint's SavedModel signature on a labelled split."""
+"""Metrics from a checkpoint's SavedModel signature: on a labelled split, on a labelled folder of
+the user's own images, or on the test images under a suite of corruptions."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from cnnmnist import checkpoint, data
+from cnnmnist.errors import CnnmnistError
 
 SPLITS = ("test", "validation", "train")
 Z95 = 1.959963984540054
@@ -74,6 +76,9 @@ class Report:
     images: np.ndarray = field(repr=False)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # A folder of the user's images: the file of every evaluated image, and those that were not
+    files: list[str] | None = None
+    unreadable: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -123,17 +128,12 @@ class Report:
             "most_confused": confused_pairs(matrix),
             "seconds": round(self.seconds, 3),
             "warnings": self.warnings,
-        }
+        } | ({"unreadable": self.unreadable} if self.files is not None else {})
 
 
-def evaluate(
-    path: Path,
-    split: str = "test",
-    dataset: str | None = None,
-    data_dir: Path | None = None,
-    batch_size: int = 1000,
-) -> Report:
-    """Run the checkpoint's serving signature over a split and collect the predictions."""
+def _labelled(path: Path, split: str, dataset: str | None, data_dir: Path | None):
+    """The checkpoint, and the split of the dataset it is evaluated on (by default the one it was
+    trained on), with a warning when that is not the same dataset."""
     ckpt = checkpoint.read(path)
     meta = ckpt.metadata.get("dataset", {})
     trained_on = meta.get("name", "mnist")
@@ -145,6 +145,18 @@ def evaluate(
         )
     name = dataset or trained_on
     images, labels = data.load(name, data_dir).split(split, int(meta.get("validation_size", 5000)))
+    return ckpt, name, images, labels, warnings
+
+
+def evaluate(
+    path: Path,
+    split: str = "test",
+    dataset: str | None = None,
+    data_dir: Path | None = None,
+    batch_size: int = 1000,
+) -> Report:
+    """Run the checkpoint's serving signature over a split and collect the predictions."""
+    ckpt, name, images, labels, warnings = _labelled(path, split, dataset, data_dir)
     started = time.perf_counter()
     probabilities = ckpt.predict(images, batch_size=batch_size)
     return Report(
@@ -159,32 +171,161 @@ def evaluate(
     )
 
 
+def labelled_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """The image files of a folder laid out one subfolder per class, `folder/0/` to `folder/9/`
+    (as keras.utils.image_dataset_from_directory reads it, subfolders included), each with its
+    label; and notes about what was left out. A folder laid out otherwise is an error."""
+    from cnnmnist.predict import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CnnmnistError(f"{folder}: no such folder")
+    entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
+    classes = [e for e in entries if e.is_dir() and e.name in {str(k) for k in range(10)}]
+    expected = f"expected one subfolder per digit, {folder}/0/ to {folder}/9/, holding its images"
+    others = [e.name for e in entries if e.is_dir() and e not in classes]
+    if others:
+        raise CnnmnistError(
+            f"{folder}: subfolders not named for a digit: {', '.join(others)}; {expected}"
+        )
+    if not classes:
+        raise CnnmnistError(f"{folder}: no class subfolders; {expected}")
+    files, skipped = [], 0
+    for cls in classes:
+        for p in sorted(cls.rglob("*")):
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(cls).parts):
+                if p.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append((str(p), int(cls.name)))
+                else:
+                    skipped += 1
+    if not files:
+        raise CnnmnistError(f"{folder}: no image files in its digit subfolders; {expected}")
+    notes = []
+    if skipped:
+        notes.append(
+            f"{folder}: skipped {skipped} files that are not images by their suffix "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    loose = [e.name for e in entries if e.is_file()]
+    if loose:
+        notes.append(f"{folder}: ignored {len(loose)} files outside the digit subfolders")
+    return files, notes
+
+
+def evaluate_folder(path: Path, folder: Path, batch_size: int = 1000) -> Report:
+    """Evaluate on the user's own labelled images, each prepared exactly as `predict` prepares
+    it. Files that cannot be read or hold no ink are listed in the report, not evaluated."""
+    from cnnmnist.predict import prepare
+
+    files, notes = labelled_files(folder)
+    ckpt = checkpoint.read(path)
+    prepared = [(prepare(source), label) for source, label in files]
+    unreadable = [
+        {"file": p.source, "error": p.error or "no ink found: the image looks blank"}
+        for p, _ in prepared
+        if p.pixels is None or not p.pixels.any()
+    ]
+    ready = [(p, label) for p, label in prepared if p.pixels is not None and p.pixels.any()]
+    if not ready:
+        raise CnnmnistError(f"{folder}: none of its {len(files)} images could be read")
+    images = np.stack([p.pixels for p, _ in ready])
+    started = time.perf_counter()
+    probabilities = ckpt.predict(images, batch_size=batch_size)
+    return Report(
+        checkpoint=Path(path),
+        dataset="images",
+        split=str(folder),
+        labels=np.array([label for _, label in ready], dtype=np.int64),
+        probabilities=probabilities,
+        images=images,
+        seconds=time.perf_counter() - started,
+        warnings=notes,
+        files=[p.source for p, _ in ready],
+        unreadable=unreadable,
+    )
+
+
+def robustness(
+    path: Path,
+    split: str = "test",
+    dataset: str | None = None,
+    data_dir: Path | None = None,
+    batch_size: int = 1000,
+) -> dict[str, Any]:
+    """Accuracy on a split, clean and under every corruption of the suite (the --corruptions
+    report): one fixed, seeded sample, so two runs on one checkpoint agree exactly."""
+    from cnnmnist import corruptions, serving
+
+    ckpt, name, images, labels, warnings = _labelled(path, split, dataset, data_dir)
+    started = time.perf_counter()
+    model = serving.SavedModel(ckpt.path)
+
+    def scored(pixels: np.ndarray) -> dict[str, Any]:
+        predicted = model.probabilities(pixels, batch_size).argmax(axis=1)
+        correct = int((predicted == labels).sum())
+        recalls = [row["recall"] for row in per_class(confusion(labels, predicted))]
+        worst = int(np.argmin(recalls))
+        return {
+            "accuracy": correct / len(labels),
+            "accuracy_ci95": list(wilson(correct, len(labels))),
+            "worst_class": {"label": worst, "recall": recalls[worst]},
+        }
+
+    clean = scored(images)
+    rows = []
+    for corruption, fn in corruptions.CORRUPTIONS.items():
+        row = scored(corruptions.apply(corruption, images))
+        rows.append({"name": corruption, "description": fn.__doc__.strip()} | row)
+    mean = float(np.mean([row["accuracy"] for row in rows]))
+    return {
+        "checkpoint": str(path),
+        "dataset": name,
+        "split": split,
+        "n": len(labels),
+        "seed": corruptions.SEED,
+        "clean_accuracy": clean["accuracy"],
+        "clean_worst_class": clean["worst_class"],
+        "corruptions": rows,
+        "mean_accuracy": mean,
+        "mean_error_ratio": (1 - mean) / max(1 - clean["accuracy"], 1 / len(labels)),
+        "seconds": round(time.perf_counter() - started, 3),
+        "warnings": warnings,
+    }
+
+
 # The --errors picture: a grid of the most confident mistakes.
 ERROR_COLUMNS = 6
 ERROR_SCALE = 3
 ERROR_CAPTION = 16
 
 
-def error_grid_size(count: int) -> tuple[int, int]:
-    """Width and height in pixels of the --errors picture for `count` mistakes."""
+def error_grid_size(count: int, originals: bool = False) -> tuple[int, int]:
+    """Width and height in pixels of the --errors picture for `count` mistakes (each twice as
+    wide when the original image is drawn beside the 28x28 the model saw)."""
     columns = min(max(count, 1), ERROR_COLUMNS)
     rows = max(1, math.ceil(count / ERROR_COLUMNS))
-    return columns * 28 * ERROR_SCALE, rows * (28 * ERROR_SCALE + ERROR_CAPTION)
+    width = 28 * ERROR_SCALE * (2 if originals else 1)
+    return columns * width, rows * (28 * ERROR_SCALE + ERROR_CAPTION)
 
 
 def write_errors(report: Report, path: Path, count: int = 36) -> tuple[int, bool]:
     """Draw the most confident mistakes (digit, true -> predicted, confidence) into a PNG,
-    atomically; return how many, and whether an existing file was replaced."""
+    atomically; return how many, and whether an existing file was replaced. For a folder of
+    the user's images, each original is drawn beside the 28x28 input the model saw."""
     from PIL import Image, ImageDraw
 
     chosen = report.mistakes(count)
+    originals = report.files is not None
     side = 28 * ERROR_SCALE
-    sheet = Image.new("L", error_grid_size(len(chosen)), color=255)
+    width = side * (2 if originals else 1)
+    sheet = Image.new("L", error_grid_size(len(chosen), originals), color=255)
     draw = ImageDraw.Draw(sheet)
     for k, i in enumerate(chosen):
-        x, y = (k % ERROR_COLUMNS) * side, (k // ERROR_COLUMNS) * (side + ERROR_CAPTION)
+        x, y = (k % ERROR_COLUMNS) * width, (k // ERROR_COLUMNS) * (side + ERROR_CAPTION)
         digit = Image.fromarray(255 - report.images[i]).resize((side, side), Image.NEAREST)
-        sheet.paste(digit, (x, y))
+        sheet.paste(digit, (x + width - side, y))
+        if originals:
+            sheet.paste(_original(report.files[i], side), (x, y))
         p = report.probabilities[i]
         caption = f"{report.labels[i]} as {p.argmax()}  {p.max():.0%}"
         draw.text((x + 4, y + side + 2), caption, fill=0)
@@ -192,6 +333,20 @@ def write_errors(report: Report, path: Path, count: int = 36) -> tuple[int, bool
     replaced = path.exists()
     atomic_write(path, lambda f: sheet.save(f, format="PNG"))
     return len(chosen), replaced
+
+
+def _original(source: str, side: int):
+    """The user's image as decoded for `predict` (upright, grey), fitted into side x side."""
+    from PIL import Image
+
+    from cnnmnist.predict import decode, read_file
+
+    grey, _, _ = decode(read_file(source), source)
+    image = Image.fromarray(np.round(grey * 255).astype(np.uint8))
+    image.thumbnail((side, side))
+    tile = Image.new("L", (side, side), color=255)
+    tile.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return tile
 
 
 def atomic_write(path: Path, write) -> None:
