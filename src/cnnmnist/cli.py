@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -163,7 +165,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """Train, check and use a convolutional digit classifier."""
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    elif ctx.invoked_subcommand in ("train", "evaluate", "predict"):  # they load TF or LiteRT
+    elif ctx.invoked_subcommand in ("train", "evaluate", "predict", "serve"):  # TF or LiteRT
         from cnnmnist.quiet import filter_native_stderr
 
         filter_native_stderr()
@@ -585,6 +587,50 @@ def predict(inputs, model_dir, top_k, show, as_json) -> None:
     failed = [r for r in results if r["error"]]
     if failed:
         raise CnnmnistError(f"{len(failed)} of {len(results)} inputs could not be predicted")
+
+
+@cli.command()
+@checkpoint_argument
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8501,
+    show_default=True,
+    help="Port (8501 is TF Serving's REST port; 0 picks a free one).",
+)
+@click.option(
+    "--model-name",
+    default="cnnmnist",
+    show_default=True,
+    help="The NAME in /v1/models/NAME, as TF Serving's --model_name.",
+)
+def serve(ckpt, host, port, model_name) -> None:
+    """Serve a checkpoint over HTTP: TF Serving's REST API, POST /predict for image files, and
+    a page to draw a digit at /. Ctrl-C (or SIGTERM) stops it, exit 0.
+    """
+    from cnnmnist import serve as serving
+    from cnnmnist.console import err, warn
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name):
+        raise click.BadParameter(
+            "letters, digits, '.', '_' and '-' only", param_hint="--model-name"
+        )
+    model = serving.Model(ckpt, model_name, warn)
+    server = serving.make_server(model, host, port)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{server.effective_port}"
+    err().print(
+        f"serving {ckpt} ({model.engine.name}) as {model_name!r}: the page at {url}/, the API at "
+        f"{url}/v1/models/{model_name}; Ctrl-C stops it",
+        highlight=False,
+    )
+    # Waitress ends its loop on KeyboardInterrupt; SIGTERM (docker stop, systemd) does too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.run()
+    finally:
+        server.close()
+    err().print("stopped")
 
 
 def main() -> None:  # pragma: no cover - `python -m cnnmnist`

@@ -215,7 +215,7 @@ def labelled_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
 def evaluate_folder(path: Path, folder: Path, batch_size: int = 1000) -> Report:
     """Evaluate on the user's own labelled images, each prepared exactly as `predict` prepares
     it. Files that cannot be read or hold no ink are listed in the report, not evaluated."""
-    from cnnmnist.predict import prepare
+    from cnnmnist.predict import has_ink, prepare
 
     files, notes = labelled_files(folder)
     ckpt = checkpoint.read(path)
@@ -223,9 +223,9 @@ def evaluate_folder(path: Path, folder: Path, batch_size: int = 1000) -> Report:
     unreadable = [
         {"file": p.source, "error": p.error or "no ink found: the image looks blank"}
         for p, _ in prepared
-        if p.pixels is None or not p.pixels.any()
+        if not has_ink(p)
     ]
-    ready = [(p, label) for p, label in prepared if p.pixels is not None and p.pixels.any()]
+    ready = [(p, label) for p, label in prepared if has_ink(p)]
     if not ready:
         raise CnnmnistError(f"{folder}: none of its {len(files)} images could be read")
     images = np.stack([p.pixels for p, _ in ready])

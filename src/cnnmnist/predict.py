@@ -241,35 +241,42 @@ def predict(
         )
     model = serving.engine(checkpoint.read(model_dir), on_warning)  # fails before decoding
     prepared = [prepare(source, stdin if source == STDIN else None) for source in sources]
-    ready = [p for p in prepared if p.pixels is not None and p.pixels.any()]  # blank: no ink
+    ready = [p for p in prepared if has_ink(p)]
     probs = model.probabilities(np.stack([p.pixels for p in ready])) if ready else np.zeros((0, 10))
     by_id = {id(p): row for p, row in zip(ready, probs, strict=True)}
-    results = []
-    for p in prepared:
-        row = by_id.get(id(p))
-        result: dict[str, Any] = {
-            "file": "<stdin>" if p.source == STDIN else p.source,
-            "digit": None,
-            "confidence": None,
-            "probabilities": None,
-            "top": [],
-            "warnings": list(p.warnings),
-            "error": p.error,
-            "engine": model.name,
-            "pixels": p.pixels,  # what the model saw (for --show; not part of --json)
-        }
-        if row is not None:
-            order = np.argsort(-row, kind="stable")
-            result.update(
-                digit=int(order[0]),
-                confidence=float(row[order[0]]),
-                probabilities=[float(v) for v in row],
-                top=[{"digit": int(k), "probability": float(row[k])} for k in order[:top_k]],
-            )
-            if row[order[0]] < LOW_CONFIDENCE:
-                result["warnings"].append(f"low confidence ({row[order[0]]:.0%})")
-        results.append(result)
-    return results
+    return [result(p, by_id.get(id(p)), model.name, top_k) for p in prepared]
+
+
+def result(prepared: Prepared, row: np.ndarray | None, engine: str, top_k: int = 3):
+    """One input's answer, as `predict --json` prints it (plus the pixels the model saw), from
+    its preprocessing and its probabilities (None: nothing to predict)."""
+    out: dict[str, Any] = {
+        "file": "<stdin>" if prepared.source == STDIN else prepared.source,
+        "digit": None,
+        "confidence": None,
+        "probabilities": None,
+        "top": [],
+        "warnings": list(prepared.warnings),
+        "error": prepared.error,
+        "engine": engine,
+        "pixels": prepared.pixels,  # what the model saw (for --show; not part of --json)
+    }
+    if row is not None:
+        order = np.argsort(-row, kind="stable")
+        out.update(
+            digit=int(order[0]),
+            confidence=float(row[order[0]]),
+            probabilities=[float(v) for v in row],
+            top=[{"digit": int(k), "probability": float(row[k])} for k in order[:top_k]],
+        )
+        if row[order[0]] < LOW_CONFIDENCE:
+            out["warnings"].append(f"low confidence ({row[order[0]]:.0%})")
+    return out
+
+
+def has_ink(prepared: Prepared) -> bool:
+    """Whether there is a digit to predict (a blank image is answered with no digit)."""
+    return prepared.pixels is not None and bool(prepared.pixels.any())
 
 
 def mean_abs_change(images: np.ndarray) -> float:

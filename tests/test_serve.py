@@ -1,0 +1,339 @@
+"""`cnnmnist serve`: TF Serving's REST API, the image endpoint, bad input, load, start and stop."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cnnmnist import serve
+from cnnmnist.cli import cli
+
+NAME = "cnnmnist"
+
+
+class Client:
+    """Requests to a running server; each call returns (status, parsed JSON or raw bytes)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def __call__(self, method, path, body=None, headers=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            if isinstance(body, dict | list):
+                body = json.dumps(body).encode()
+            connection.request(method, path, body, headers or {})
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            return response.status, json.loads(data)
+        return response.status, data
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """`trained`'s checkpoint served in this process on a free port."""
+    model = serve.Model(trained.checkpoint, NAME, warn=print)
+    running = serve.make_server(model, "127.0.0.1", 0)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    yield Client(running.effective_port)
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """The SavedModel's own serving signature."""
+    from cnnmnist.serving import SavedModel
+
+    return SavedModel(trained.checkpoint)
+
+
+def _digits(mnist, n):
+    return mnist.test_images[:n].astype(np.float32).reshape(n, 28, 28, 1)
+
+
+def test_status_and_metadata_as_tf_serving_gives_them(server):
+    for path in (f"/v1/models/{NAME}", f"/v1/models/{NAME}/versions/1"):
+        status, body = server("GET", path)
+        assert status == 200
+        assert body["model_version_status"][0]["state"] == "AVAILABLE"
+    status, body = server("GET", f"/v1/models/{NAME}/metadata")
+    assert status == 200 and body["model_spec"]["name"] == NAME
+    signature = body["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    pixels = signature["inputs"]["pixels"]
+    assert pixels["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in pixels["tensor_shape"]["dim"]] == ["-1", "28", "28", "1"]
+    out = signature["outputs"]["probabilities"]["tensor_shape"]["dim"]
+    assert [d["size"] for d in out] == ["-1", "10"]
+
+
+def test_row_and_columnar_predictions_equal_the_savedmodel_signature(server, reference, mnist):
+    pixels = _digits(mnist, 5)
+    want = reference.probabilities(pixels)
+    requests = [
+        ("predictions", {"instances": pixels.tolist()}),
+        ("predictions", {"instances": [{"pixels": p} for p in pixels.tolist()]}),
+        ("outputs", {"inputs": pixels.tolist()}),
+        ("outputs", {"inputs": {"pixels": pixels.tolist()}, "signature_name": "serving_default"}),
+    ]
+    for path in (f"/v1/models/{NAME}:predict", f"/v1/models/{NAME}/versions/1:predict"):
+        for key, request in requests:
+            status, body = server("POST", path, request)
+            assert status == 200, body
+            assert list(body) == [key]
+            np.testing.assert_allclose(np.array(body[key]), want, atol=1e-5)
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+ONE = np.zeros((28, 28, 1)).tolist()
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, message",
+    [
+        ("POST", f"/v1/models/{NAME}:predict", b"{not json", 400, "malformed JSON"),
+        ("POST", f"/v1/models/{NAME}:predict", b"[1, 2]", 400, "JSON object"),
+        ("POST", f"/v1/models/{NAME}:predict", b'{"instances": [NaN]}', 400, "NaN"),
+        ("POST", f"/v1/models/{NAME}:predict", DEEP, 400, "nested too deeply"),
+        ("POST", f"/v1/models/{NAME}:predict", {"instances": []}, 400, "non-empty"),
+        ("POST", f"/v1/models/{NAME}:predict", {}, 400, "exactly one of"),
+        ("POST", f"/v1/models/{NAME}:predict", {"instances": [ONE], "inputs": [ONE]}, 400, "one"),
+        ("POST", f"/v1/models/{NAME}:predict", {"instances": [[1, 2]]}, 400, "[28, 28, 1]"),
+        ("POST", f"/v1/models/{NAME}:predict", {"inputs": ONE}, 400, "[N, 28, 28, 1]"),
+        (
+            "POST",
+            f"/v1/models/{NAME}:predict",
+            {"instances": [[[["a"]] * 28] * 28]},
+            400,
+            "numbers",
+        ),
+        ("POST", f"/v1/models/{NAME}:predict", {"instances": [ONE, [[0]]]}, 400, "28, 28, 1"),
+        ("POST", f"/v1/models/{NAME}:predict", {"instances": [[[[256]] * 28] * 28]}, 400, "0..255"),
+        ("POST", f"/v1/models/{NAME}:predict", {"instances": [[[[-1]] * 28] * 28]}, 400, "0..255"),
+        ("POST", f"/v1/models/{NAME}:predict", {"instances": [{"image": ONE}]}, 400, "'pixels'"),
+        ("POST", f"/v1/models/{NAME}:predict", {"instances": [ONE], "x": 1}, 400, "unknown field"),
+        (
+            "POST",
+            f"/v1/models/{NAME}:predict",
+            {"instances": [ONE], "signature_name": "classify"},
+            400,
+            "'classify' not found",
+        ),
+        ("POST", "/v1/models/other:predict", {"instances": [ONE]}, 404, "'other'"),
+        ("POST", f"/v1/models/{NAME}/versions/2:predict", {"instances": [ONE]}, 404, "version"),
+        ("POST", f"/v1/models/{NAME}:classify", {"instances": [ONE]}, 404, ":classify"),
+        ("GET", f"/v1/models/{NAME}:predict", None, 405, "use POST"),
+        ("POST", f"/v1/models/{NAME}", b"", 405, "use GET"),
+        ("GET", "/etc/passwd", None, 404, "no such path"),
+        ("GET", "/static/../../pyproject.toml", None, 404, "no such path"),
+    ],
+)
+def test_bad_requests_get_a_4xx_naming_what_was_expected(
+    server, method, path, body, status, message
+):
+    got, answer = server(method, path, body)
+    assert got == status, answer
+    assert message in answer["error"]
+    assert server("GET", f"/v1/models/{NAME}")[0] == 200  # still serving
+
+
+def test_a_body_over_the_limit_is_413(server):
+    status, answer = server(
+        "POST", f"/v1/models/{NAME}:predict", b" " * (serve.MAX_BODY + 1), {"Content-Type": "x"}
+    )
+    assert status == 413 and f"{serve.MAX_BODY:,}" in answer["error"]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=30,
+)
+_bodies = st.one_of(
+    st.binary(max_size=200),
+    _json_values.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(
+        st.sampled_from(["instances", "inputs", "signature_name", "x"]), _json_values
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=_bodies)
+def test_fuzzed_bodies_get_4xx_and_the_server_stays_up(server, body):
+    status, answer = server("POST", f"/v1/models/{NAME}:predict", body)
+    assert 400 <= status < 500, (status, answer)
+    assert isinstance(answer, dict) and answer["error"]
+    assert server("GET", f"/v1/models/{NAME}")[0] == 200
+
+
+def _png(image: Image.Image, **save) -> bytes:
+    blob = io.BytesIO()
+    image.save(blob, format="PNG", **save)
+    return blob.getvalue()
+
+
+def _multipart(field: str, filename: str, data: bytes) -> tuple[bytes, dict[str, str]]:
+    boundary = "cnnmnist-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_images_get_the_answer_predict_json_gives(server, trained, tmp_path, mnist):
+    # A test digit as a user would photograph it: dark on light paper, larger, stored sideways
+    # with an EXIF Orientation tag (6: turn 90 degrees clockwise to view).
+    upright = Image.fromarray(255 - mnist.test_images[7]).resize((120, 120), Image.BILINEAR)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = _png(upright.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
+    path = tmp_path / "photo.png"
+    path.write_bytes(photo)
+    cli_result = CliRunner().invoke(
+        cli, ["predict", "--model", str(trained.checkpoint), "--json", str(path)]
+    )
+    want = json.loads(cli_result.stdout)[0]
+    assert want["digit"] == int(mnist.test_labels[7])  # upright, it is read correctly
+
+    status, raw = server("POST", "/predict", photo, {"Content-Type": "image/png"})
+    assert status == 200, raw
+    body, headers = _multipart("image", "photo.png", photo)
+    status, form = server("POST", "/predict", body, headers)
+    assert status == 200, form
+    assert raw["file"] == "<upload>" and form["file"] == "photo.png"
+    for answer in (raw, form):
+        assert {k: v for k, v in answer.items() if k != "file"} == {
+            k: v for k, v in want.items() if k != "file"
+        }
+    status, with_pixels = server("POST", "/predict?pixels=1", photo, {"Content-Type": "image/png"})
+    assert np.array(with_pixels["pixels"]).shape == (28, 28)
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, message",
+    [
+        (b"not an image", {"Content-Type": "image/png"}, 400, "not an image"),
+        (b"", {"Content-Type": "image/png"}, 400, "empty"),
+        (_png(Image.new("L", (1, 1))), {"Content-Type": "text/plain"}, 415, "image/*"),
+        (*_multipart("file", "a.png", _png(Image.new("L", (9, 9)))), 400, "field named 'image'"),
+    ],
+)
+def test_bad_images_get_a_4xx(server, body, headers, status, message):
+    got, answer = server("POST", "/predict", body, headers)
+    assert got == status and message in answer["error"], answer
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(server):
+    from cnnmnist.predict import MAX_PIXELS
+
+    side = int(MAX_PIXELS**0.5) + 100
+    bomb = _png(Image.new("1", (side, side)))  # compresses to a few hundred KiB
+    status, answer = server("POST", "/predict", bomb, {"Content-Type": "image/png"})
+    assert status == 400 and "decompression bomb" in answer["error"]
+
+
+def test_concurrent_requests_all_answered_in_order(server, reference, mnist):
+    pixels = _digits(mnist, 40)
+    want = reference.probabilities(pixels)
+
+    def ask(i):
+        status, body = server(
+            "POST", f"/v1/models/{NAME}:predict", {"instances": [pixels[i].tolist()]}
+        )
+        return i, status, body
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, [i % 40 for i in range(400)]))
+    assert len(answers) == 400 and all(status == 200 for _, status, _ in answers)
+    for i, _, body in answers:  # each client got its own image's answer
+        np.testing.assert_allclose(body["predictions"][0], want[i], atol=1e-5)
+
+
+def test_the_page_and_its_files_are_served(server):
+    status, page = server("GET", "/")
+    assert status == 200 and b"<canvas" in page and b"app.js" in page
+    for asset in ("/app.js", "/style.css"):
+        assert server("GET", asset)[0] == 200
+
+
+def _serve(ckpt, *args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnnmnist", "serve", str(ckpt), *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_starts_quietly_stops_cleanly_and_refuses_a_busy_port(trained, stop):
+    process = _serve(trained.checkpoint, "--port", "0")
+    line = process.stderr.readline()
+    port = int(re.search(r"127\.0\.0\.1:(\d+)/", line).group(1))
+    assert "(tflite)" in line  # answers from the TFLite copy, without TensorFlow
+    assert Client(port)("GET", f"/v1/models/{NAME}")[0] == 200
+
+    busy = _serve(trained.checkpoint, "--port", str(port))
+    _, err = busy.communicate(timeout=60)
+    assert busy.returncode == 1 and f"127.0.0.1:{port} is already in use" in err
+    assert "Traceback" not in err
+
+    process.send_signal(stop)
+    rest = process.communicate(timeout=30)[1]
+    assert process.returncode == 0 and rest.strip() == "stopped"
+    assert "XNNPACK" not in line
+
+
+def test_serve_binds_to_loopback_by_default(trained):
+    process = _serve(trained.checkpoint, "--port", "0")
+    try:
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/", process.stderr.readline()).group(1))
+        assert _listening(port) == ["127.0.0.1"]  # not 0.0.0.0: no other machine reaches it
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+
+
+def _listening(port: int) -> list[str]:
+    """The IPv4 addresses with a socket listening on `port`, from the kernel's own table."""
+    addresses = []
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            addresses.append(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses
+
+
+def test_serve_without_waitress_says_how_to_get_it(trained, monkeypatch):
+    monkeypatch.setitem(sys.modules, "waitress", None)
+    result = CliRunner().invoke(cli, ["serve", str(trained.checkpoint), "--port", "0"])
+    assert result.exit_code == 1 and "pip install 'cnnmnist[serve]'" in result.output
