@@ -106,6 +106,8 @@ def main() -> None:
     ready_s = time.perf_counter() - started
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
     engine = re.search(r"\((\w+)\)", line).group(1)
+    said: list[str] = []  # the server's stderr, drained so that it never blocks on the pipe
+    threading.Thread(target=lambda: said.extend(server.stderr), daemon=True).start()
 
     # One MNIST-like image: a stroke, pixel values 0..255, the JSON a client would send.
     pixels = np.zeros((28, 28, 1))
@@ -159,6 +161,8 @@ def main() -> None:
             for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
         },
         "server_ready_s": round(ready_s, 3),
+        "server_stderr_lines": len(said),
+        "server_stderr_first": said[:3],
         "server_rss_mib": {
             "start": round(memory[0], 1),
             "end": round(memory[-1], 1),

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import without_package
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -52,11 +53,12 @@ class Client:
 def server(trained):
     """`trained`'s checkpoint served in this process on a free port."""
     model = serve.Model(trained.checkpoint, NAME, warn=print)
-    running = serve.make_server(model, "127.0.0.1", 0)
+    running = serve.Server(model, "127.0.0.1", 0)
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
-    yield Client(running.effective_port)
+    yield Client(running.port)
     running.close()
+    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +114,8 @@ ONE = np.zeros((28, 28, 1)).tolist()
     [
         ("POST", f"/v1/models/{NAME}:predict", b"{not json", 400, "malformed JSON"),
         ("POST", f"/v1/models/{NAME}:predict", b"[1, 2]", 400, "JSON object"),
-        ("POST", f"/v1/models/{NAME}:predict", b'{"instances": [NaN]}', 400, "NaN"),
-        ("POST", f"/v1/models/{NAME}:predict", DEEP, 400, "nested too deeply"),
+        ("POST", f"/v1/models/{NAME}:predict", b'{"instances": [NaN]}', 400, "malformed JSON"),
+        ("POST", f"/v1/models/{NAME}:predict", DEEP, 400, "depth limit"),
         ("POST", f"/v1/models/{NAME}:predict", {"instances": []}, 400, "non-empty"),
         ("POST", f"/v1/models/{NAME}:predict", {}, 400, "exactly one of"),
         ("POST", f"/v1/models/{NAME}:predict", {"instances": [ONE], "inputs": [ONE]}, 400, "one"),
@@ -156,11 +158,17 @@ def test_bad_requests_get_a_4xx_naming_what_was_expected(
     assert server("GET", f"/v1/models/{NAME}")[0] == 200  # still serving
 
 
-def test_a_body_over_the_limit_is_413(server):
-    status, answer = server(
-        "POST", f"/v1/models/{NAME}:predict", b" " * (serve.MAX_BODY + 1), {"Content-Type": "x"}
-    )
-    assert status == 413 and f"{serve.MAX_BODY:,}" in answer["error"]
+def test_a_body_over_the_limit_is_413_before_it_is_sent(server):
+    # Only the headers: the answer must come without the server waiting for the body.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(
+            f"POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {serve.MAX_BODY + 1}\r\n\r\n".encode()
+        )
+        answer = raw.makefile("rb").read()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert f"{serve.MAX_BODY:,}" in json.loads(body)["error"]
 
 
 _json_values = st.recursive(
@@ -333,7 +341,8 @@ def _listening(port: int) -> list[str]:
     return addresses
 
 
-def test_serve_without_waitress_says_how_to_get_it(trained, monkeypatch):
-    monkeypatch.setitem(sys.modules, "waitress", None)
+def test_serve_without_its_extra_says_how_to_get_it(trained, monkeypatch):
+    without_package(monkeypatch, "uvicorn")
     result = CliRunner().invoke(cli, ["serve", str(trained.checkpoint), "--port", "0"])
-    assert result.exit_code == 1 and "pip install 'cnnmnist[serve]'" in result.output
+    assert result.exit_code == 1, result.output
+    assert "needs uvicorn: pip install 'cnnmnist[serve]'" in result.output

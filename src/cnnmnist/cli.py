@@ -617,19 +617,20 @@ def serve(ckpt, host, port, model_name) -> None:
             "letters, digits, '.', '_' and '-' only", param_hint="--model-name"
         )
     model = serving.Model(ckpt, model_name, warn)
-    server = serving.make_server(model, host, port)
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{server.effective_port}"
+    server = serving.Server(model, host, port)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{server.port}"
     err().print(
         f"serving {ckpt} ({model.engine.name}) as {model_name!r}: the page at {url}/, the API at "
         f"{url}/v1/models/{model_name}; Ctrl-C stops it",
         highlight=False,
     )
-    # Waitress ends its loop on KeyboardInterrupt; SIGTERM (docker stop, systemd) does too.
+    # Uvicorn stops on SIGINT and SIGTERM (docker stop, systemd), then raises the signal again
+    # for its previous handler: make both a KeyboardInterrupt, and that a clean stop.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run()
-    finally:
-        server.close()
+    except KeyboardInterrupt:
+        pass
     err().print("stopped")
 
 

@@ -1,21 +1,22 @@
 """`cnnmnist serve`: TensorFlow Serving's REST API, an image endpoint and a draw-a-digit page.
 
-A WSGI application served by Waitress (a pure-Python production server with no dependencies
-of its own). The model is loaded once; concurrent requests are queued to one thread that runs
-them as a single batch, so a busy server makes few, larger model calls.
+An ASGI application served by Uvicorn (the server under FastAPI and Starlette, with C HTTP
+parsing and event loop). The model is loaded once. Requests are read and answered on the event
+loop; the model runs on a thread of its own, on every request that arrived while it was busy
+as one batch, so a busy server makes few, larger model calls. Image decoding and large JSON
+bodies go to worker threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import email.parser
 import email.policy
 import errno
-import json
-import queue
 import re
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,10 @@ from cnnmnist.checkpoint import SIGNATURE
 from cnnmnist.errors import CnnmnistError
 
 MAX_BODY = 16 * 2**20  # bytes; a larger request is answered 413 before it is read
+BACKLOG = 2048  # connections the kernel holds before the server accepts them (Uvicorn's)
 MAX_BATCH = 256  # images per model call when queued requests are joined into one
 VERSION = "1"  # a checkpoint is one model version, as TF Serving's layout numbers it
 INPUT, OUTPUT = "pixels", "probabilities"
-THREADS = 8  # Waitress's request threads; the model itself runs on one thread, batched
 PAGES = {  # the only files served: the page, read from the package, never paths from requests
     "/": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -48,40 +49,47 @@ class HTTPError(Exception):
 
 
 class Batcher:
-    """Runs the model for many threads: each call waits while one worker thread joins every
-    queued request (up to MAX_BATCH images) into one model call."""
+    """Runs the model for every request on the event loop: requests that arrive while the
+    model is busy are joined (up to MAX_BATCH images) into its next call, made on one thread
+    of its own so the loop keeps reading requests meanwhile."""
 
     def __init__(self, probabilities: Callable[[np.ndarray], np.ndarray]) -> None:
         self._probabilities = probabilities
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._work, name="cnnmnist-model", daemon=True).start()
+        self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self._draining = False
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cnnmnist-model")
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+    async def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities [N, 10] of pixels [N, 28, 28, 1]."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((pixels, future))
-        return future.result()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((pixels, future))
+        if not self._draining:
+            self._draining = True
+            loop.create_task(self._drain())
+        return await future
 
-    def _work(self) -> None:
-        while True:
-            jobs = [self._queue.get()]
-            size = len(jobs[0][0])
-            while size < MAX_BATCH:
-                try:
-                    jobs.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            jobs, size = [], 0
+            while self._pending and (not jobs or size + len(self._pending[0][0]) <= MAX_BATCH):
+                jobs.append(self._pending.pop(0))
                 size += len(jobs[-1][0])
+            batch = np.concatenate([pixels for pixels, _ in jobs])
             try:
-                rows = self._probabilities(np.concatenate([pixels for pixels, _ in jobs]))
+                rows = await loop.run_in_executor(self._thread, self._probabilities, batch)
             except Exception as e:  # noqa: BLE001 - every waiting request gets the failure
                 for _, future in jobs:
-                    future.set_exception(e)
+                    if not future.done():
+                        future.set_exception(e)
                 continue
             start = 0
             for pixels, future in jobs:
-                future.set_result(rows[start : start + len(pixels)])
+                if not future.done():  # its client may have gone
+                    future.set_result(rows[start : start + len(pixels)])
                 start += len(pixels)
+        self._draining = False
 
 
 class Model:
@@ -91,7 +99,7 @@ class Model:
         ckpt = checkpoint.read(path)
         self.path, self.name = Path(path), name
         self.engine = serving.engine(ckpt, warn)
-        self.run = Batcher(self.engine.probabilities)
+        self.run = Batcher(self.engine.probabilities)  # awaitable: probabilities of pixels
 
 
 # --- TF Serving's REST API ---------------------------------------------------------------
@@ -134,17 +142,13 @@ def metadata_json(name: str) -> dict[str, Any]:
     }
 
 
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def parse_json(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object (NaN and Infinity refused, as JSON does)."""
+    """The request body as a JSON object (strict JSON: no NaN, nesting at most 1,024 deep)."""
+    import orjson  # several times faster than json on bodies of pixel values
+
     try:
-        value = json.loads(body, parse_constant=_no_constants)
-    except RecursionError:
-        raise HTTPError(400, "malformed JSON: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
         raise HTTPError(400, f"malformed JSON: {e}") from None
     if not isinstance(value, dict):
         raise HTTPError(400, 'the body must be a JSON object with "instances" or "inputs"')
@@ -181,8 +185,9 @@ def _named(value: Any, what: str) -> Any:
     return value
 
 
-def predict_json(request: dict[str, Any], run: Callable[[np.ndarray], np.ndarray]):
-    """POST :predict in TF Serving's row ("instances") or columnar ("inputs") format."""
+def predict_inputs(request: dict[str, Any]) -> tuple[str, np.ndarray]:
+    """The pixels of a POST :predict in TF Serving's row ("instances") or columnar ("inputs")
+    format, and the key its answer goes under ("predictions" or "outputs")."""
     signature = request.get("signature_name", SIGNATURE)
     if signature != SIGNATURE:
         raise HTTPError(
@@ -198,18 +203,16 @@ def predict_json(request: dict[str, Any], run: Callable[[np.ndarray], np.ndarray
         if not isinstance(instances, list) or not instances:
             raise HTTPError(400, '"instances" must be a non-empty list, one [28, 28, 1] per image')
         rows = [_named(instance, "instances") for instance in instances]
-        return {"predictions": run(_pixels(rows, "instances")).tolist()}
-    pixels = _pixels(_named(request["inputs"], "inputs"), "inputs")
-    return {"outputs": run(pixels).tolist()}
+        return "predictions", _pixels(rows, "instances")
+    return "outputs", _pixels(_named(request["inputs"], "inputs"), "inputs")
 
 
 # --- images ------------------------------------------------------------------------------
 
 
-def uploaded_image(environ: dict[str, Any], body: bytes) -> tuple[str, bytes]:
+def uploaded_image(content_type: str, body: bytes) -> tuple[str, bytes]:
     """The image of a POST /predict: a raw image/* body, or the `image` field of a multipart
     form. Returns a name for it and its bytes."""
-    content_type = environ.get("CONTENT_TYPE", "")
     if content_type.startswith("image/"):
         return "<upload>", body
     if content_type.startswith("multipart/form-data"):
@@ -224,12 +227,14 @@ def uploaded_image(environ: dict[str, Any], body: bytes) -> tuple[str, bytes]:
     )
 
 
-def predict_image(model: Model, name: str, blob: bytes, pixels: bool) -> dict[str, Any]:
+async def predict_image(model: Model, name: str, blob: bytes, pixels: bool) -> dict[str, Any]:
     """What `predict --json` gives for one file, through the same preprocessing."""
-    prepared = predict.prepare(name, blob)
+    prepared = await _off_loop(predict.prepare, name, blob)  # decoding takes milliseconds
     if prepared.error:
         raise HTTPError(400, prepared.error)
-    row = model.run(prepared.pixels.reshape(1, 28, 28, 1))[0] if predict.has_ink(prepared) else None
+    row = None
+    if predict.has_ink(prepared):
+        row = (await model.run(prepared.pixels.reshape(1, 28, 28, 1)))[0]
     answer = predict.result(prepared, row, model.engine.name)
     seen = answer.pop("pixels")
     if pixels:  # the page shows the 28x28 picture the model saw
@@ -237,65 +242,77 @@ def predict_image(model: Model, name: str, blob: bytes, pixels: bool) -> dict[st
     return answer
 
 
-# --- the WSGI application ----------------------------------------------------------------
+# --- the application ----------------------------------------------------------------------
 
 
-def application(model: Model):
-    """The WSGI app serving `model` under its name."""
-    pages = {
+@dataclass
+class Request:
+    """What the routes need of an HTTP request, whichever server received it."""
+
+    method: str
+    path: str
+    query: str = ""
+    content_type: str = ""
+    body: bytes = b""
+
+
+def pages() -> dict[str, tuple[bytes, str]]:
+    """The page's files, read from the package once."""
+    return {
         route: (resources.files("cnnmnist").joinpath("static", file).read_bytes(), kind)
         for route, (file, kind) in PAGES.items()
     }
 
-    def app(environ: dict[str, Any], start_response) -> Iterable[bytes]:
-        try:
-            status, headers, body = _route(model, pages, environ)
-        except HTTPError as e:
-            status, headers, body = e.status, [], _json({"error": str(e)})
-        except Exception as e:  # noqa: BLE001 - a bug: answer, log, and keep serving
-            import traceback
 
-            traceback.print_exc()
-            status, headers, body = 500, [], _json({"error": f"internal error: {e}"})
-        if not any(name == "Content-Type" for name, _ in headers):
-            headers.append(("Content-Type", "application/json"))
-        headers += [("Content-Length", str(len(body))), ("X-Content-Type-Options", "nosniff")]
-        start_response(f"{status} {_REASONS.get(status, '')}".strip(), headers)
-        return [body]
+async def respond(model: Model, files, request: Request):
+    """Status, headers and body of the answer to `request`: errors are JSON {"error": ...}."""
+    try:
+        status, headers, body = await _route(model, files, request)
+    except HTTPError as e:
+        status, headers, body = e.status, [], _json({"error": str(e)})
+    except Exception as e:  # noqa: BLE001 - a bug: answer, log, and keep serving
+        import traceback
 
-    return app
+        traceback.print_exc()
+        status, headers, body = 500, [], _json({"error": f"internal error: {e}"})
+    return _finish(status, headers, body)
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-_REASONS |= {411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type"}
-_REASONS |= {500: "Internal Server Error"}
+def _finish(status: int, headers: list[tuple[str, str]], body: bytes):
+    """The answer with the headers every response has (JSON unless it says otherwise)."""
+    if not any(name == "content-type" for name, _ in headers):
+        headers.append(("content-type", "application/json"))
+    headers += [("content-length", str(len(body))), ("x-content-type-options", "nosniff")]
+    return status, headers, body
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value).encode()
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _body(environ: dict[str, Any]) -> bytes:
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise HTTPError(400, "Content-Length is not a number") from None
-    if length > MAX_BODY:
-        raise HTTPError(413, f"the body is {length:,} bytes; the limit is {MAX_BODY:,}")
-    return environ["wsgi.input"].read(length) if length > 0 else b""
+async def _off_loop(fn, *args):
+    """fn(*args) on a worker thread: work that would hold up every other request."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-def _route(model: Model, pages, environ: dict[str, Any]):
-    method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
-    if path in pages:
+# Bodies up to this size are parsed on the event loop (faster than a thread hop); larger ones,
+# which take milliseconds, on a worker thread.
+INLINE_BODY = 64 * 2**10
+
+
+async def _route(model: Model, files, request: Request):
+    method, path = request.method, request.path
+    if path in files:
         _allow(method, "GET")
-        content, kind = pages[path]
-        return 200, [("Content-Type", kind), ("Cache-Control", "no-cache")], content
+        content, kind = files[path]
+        return 200, [("content-type", kind), ("cache-control", "no-cache")], content
     if path == "/predict":
         _allow(method, "POST")
-        wants_pixels = "pixels=1" in environ.get("QUERY_STRING", "").split("&")
-        name, blob = uploaded_image(environ, _body(environ))
-        return 200, [], _json(predict_image(model, name, blob, wants_pixels))
+        wants_pixels = "pixels=1" in request.query.split("&")
+        name, blob = uploaded_image(request.content_type, request.body)
+        return 200, [], _json(await predict_image(model, name, blob, wants_pixels))
     match = _MODEL_PATH.match(path)
     if not match:
         raise HTTPError(404, f"no such path {path!r}; see /v1/models/{model.name}")
@@ -319,7 +336,11 @@ def _route(model: Model, pages, environ: dict[str, Any]):
         return 200, [], _json(metadata_json(model.name))
     if rest == ":predict":
         _allow(method, "POST")
-        return 200, [], _json(predict_json(parse_json(_body(environ)), model.run))
+        if len(request.body) <= INLINE_BODY:
+            key, pixels = predict_inputs(parse_json(request.body))
+        else:
+            key, pixels = await _off_loop(lambda: predict_inputs(parse_json(request.body)))
+        return 200, [], _json({key: await model.run(pixels)})
     raise HTTPError(404, f"no such method {rest!r}; expected :predict or /metadata")
 
 
@@ -328,24 +349,110 @@ def _allow(method: str, allowed: str) -> None:
         raise HTTPError(405, f"{method} is not allowed here; use {allowed}")
 
 
-def make_server(model: Model, host: str, port: int, threads: int = THREADS):
-    """A Waitress server bound to host:port (port 0: any free port), not yet serving."""
-    try:
-        import waitress
-    except ImportError:
-        raise CnnmnistError("serve needs Waitress: pip install 'cnnmnist[serve]'") from None
-    try:
-        return waitress.create_server(
-            application(model),
-            host=host,
-            port=port,
-            threads=threads,
-            max_request_body_size=MAX_BODY + 2**20,  # chunked bodies; ours answer 413 first
-            ident="cnnmnist",
+def application(model: Model):
+    """The ASGI app serving `model`."""
+    files = pages()
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            body = await _read_body(receive, headers.get("content-length"))
+        except HTTPError as e:  # the body is not read: close the connection after answering
+            answer = _finish(e.status, [("connection", "close")], _json({"error": str(e)}))
+        else:
+            request = Request(
+                scope["method"],
+                scope["path"],
+                scope["query_string"].decode("latin-1"),
+                headers.get("content-type", ""),
+                body,
+            )
+            answer = await respond(model, files, request)
+        status, response_headers, payload = answer
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers
+                ],
+            }
         )
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
+        await send({"type": "http.response.body", "body": payload})
+
+    return app
+
+
+async def _read_body(receive, declared: str | None) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed MAX_BODY."""
+    too_large = f"the body is over the limit of {MAX_BODY:,} bytes"
+    if declared is not None:
+        try:
+            if int(declared) > MAX_BODY:
+                raise HTTPError(
+                    413, f"the body is {int(declared):,} bytes; the limit is {MAX_BODY:,}"
+                )
+        except ValueError:
+            raise HTTPError(400, "Content-Length is not a number") from None
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > MAX_BODY:
+            raise HTTPError(413, too_large)
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+class Server:
+    """The HTTP server (Uvicorn) on a socket bound at once, so a busy port fails here."""
+
+    def __init__(self, model: Model, host: str, port: int) -> None:
+        import importlib.util
+        import socket
+
+        missing = [m for m in ("uvicorn", "orjson") if importlib.util.find_spec(m) is None]
+        if missing:
             raise CnnmnistError(
-                f"{host}:{port} is already in use (another server?); choose another --port"
-            ) from None
-        raise CnnmnistError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+                f"serve needs {' and '.join(missing)}: pip install 'cnnmnist[serve]'"
+            )
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError as e:
+            self.socket.close()
+            if e.errno == errno.EADDRINUSE:
+                raise CnnmnistError(
+                    f"{host}:{port} is already in use (another server?); choose another --port"
+                ) from None
+            raise CnnmnistError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self.socket.listen(BACKLOG)  # from now on connections wait for the loop, not fail
+        self.port = self.socket.getsockname()[1]
+        fast = {"http": "httptools", "loop": "uvloop"}  # C parsers and loop when installed
+        config = uvicorn.Config(
+            application(model),
+            log_level="error",
+            access_log=False,
+            server_header=False,
+            backlog=BACKLOG,
+            **{k: v for k, v in fast.items() if importlib.util.find_spec(v)},
+        )
+        self._server = uvicorn.Server(config)
+
+    def run(self) -> None:
+        """Serve until Ctrl-C or SIGTERM (or close() from another thread)."""
+        self._server.run(sockets=[self.socket])
+
+    def close(self) -> None:
+        self._server.should_exit = True
