@@ -88,6 +88,13 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _preset(ckpt: Path) -> str | None:
+    try:
+        return json.loads((ckpt / "cnnmnist.json").read_text()).get("preset")
+    except (OSError, ValueError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", type=Path)
@@ -147,8 +154,9 @@ def main() -> None:
     latencies = np.array([x for lat, _ in collected for x in lat]) * 1000
     errors = [e for _, errs in collected for e in errs]
     record = {
-        "command": " ".join(["python", "benchmarks/serve_load.py", str(args.ckpt)])
-        + f" --clients {args.clients} --seconds {args.seconds:g}",
+        "command": f"python benchmarks/serve_load.py CKPT --clients {args.clients} "
+        f"--seconds {args.seconds:g}",
+        "checkpoint": {"path": str(args.ckpt), "preset": _preset(args.ckpt)},
         "engine": engine,
         "clients": args.clients,
         "seconds": round(elapsed, 2),
@@ -167,6 +175,7 @@ def main() -> None:
             "start": round(memory[0], 1),
             "end": round(memory[-1], 1),
             "max": round(max(memory), 1),
+            "per_second": [round(m, 1) for m in memory],
         },
         "machine": {
             "cpus": os.cpu_count(),
