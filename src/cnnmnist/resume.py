@@ -33,49 +33,32 @@ def partial_dir(out: Path) -> Path:
 
 @contextlib.contextmanager
 def lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out` for this process; the kernel drops it if we die.
-
-    The lock file `.OUT.lock` is removed on release. A process that opened it just before
-    the removal holds a lock on a file no longer at that path: it sees that and tries again.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        raise CnnmnistError(
-            "cnnmnist train runs on Linux and macOS (its one-writer lock uses POSIX fcntl); "
-            "on Windows, use WSL"
-        ) from None
+    """Hold an exclusive lock on `out` for this process; the operating system drops it if we
+    die. The lock file `.OUT.lock` names its holder's pid, and is removed on release (filelock
+    sees a removed file and locks the new one)."""
+    import filelock
 
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_name(f".{out.name}.lock")
-    while True:
-        handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise CnnmnistError(
-                f"{out}: another `cnnmnist train` (pid {owner}) is writing here; "
-                "wait for it to finish or choose another --out"
-            ) from None
-        try:
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        handle.close()  # removed by the previous holder: lock the new file instead
+    held = filelock.FileLock(path, timeout=0)
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        held.acquire()
+    except filelock.Timeout:
+        try:
+            owner = path.read_text().strip() or "another process"
+        except OSError:
+            owner = "another process"
+        raise CnnmnistError(
+            f"{out}: another `cnnmnist train` (pid {owner}) is writing here; "
+            "wait for it to finish or choose another --out"
+        ) from None
+    try:
+        path.write_text(str(os.getpid()))  # the lock is advisory: this handle may write
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        handle.close()
+        held.release()
 
 
 def seed_states(model) -> list:
