@@ -234,3 +234,26 @@ def test_inspect_plot_without_matplotlib_says_how_to_get_it(trained, tmp_path, m
     )
     assert result.exit_code == 1 and "pip install 'cnnmnist[plot]'" in result.output
     assert not (tmp_path / "c.png").exists()
+
+
+def test_evaluate_plot_draws_the_confusion_matrix(trained, tmp_path, mnist_dir):
+    from cnnmnist import plots
+
+    target = tmp_path / "confusion.png"
+    args = ["evaluate", str(trained.checkpoint), "--split", "validation"]
+    result = CliRunner().invoke(cli, [*args, "--data-dir", str(mnist_dir), "--plot", str(target)])
+    assert result.exit_code == 0, result.output
+    image = Image.open(target)
+    size = plots.CONFUSION_SIZE
+    assert image.size == (size[0] * plots.DPI, size[1] * plots.DPI)
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    blue = (pixels[:, 2] > 150) & (pixels[:, 0] < 100)
+    assert blue.sum() > 1000  # the diagonal's dark cells: most of every class is right
+    assert len(np.unique(pixels, axis=0)) > 50  # cells, counts, axes and the colour bar
+
+
+def test_evaluate_plot_does_not_go_with_corruptions(trained, tmp_path):
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(trained.checkpoint), "--corruptions", "--plot", str(tmp_path / "p")]
+    )
+    assert result.exit_code == 2 and "--plot" in result.output

@@ -468,10 +468,27 @@ def data_cmd(dataset, data_dir, as_json) -> None:
     default=None,
     help="Write a PNG of the most confident mistakes here.",
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw the confusion matrix into this PNG. Needs matplotlib: "
+    "pip install 'cnnmnist[plot]'.",
+)
 @json_option
 @click.pass_context
 def evaluate(
-    ctx, ckpt, split, dataset, data_dir, images_dir, corruptions, batch_size, errors_png, as_json
+    ctx,
+    ckpt,
+    split,
+    dataset,
+    data_dir,
+    images_dir,
+    corruptions,
+    batch_size,
+    errors_png,
+    plot,
+    as_json,
 ) -> None:
     """Accuracy (with 95% CI), loss, confusion matrix and per-class report of a checkpoint."""
     from cnnmnist import evaluate as evaluation
@@ -487,8 +504,10 @@ def evaluate(
             f"--images evaluates your own folder; it does not go with "
             f"{', '.join(given + ['--corruptions'] * corruptions)}"
         )
-    if corruptions and errors_png:
-        raise click.UsageError("--errors draws one evaluation's mistakes; not with --corruptions")
+    if corruptions and (errors_png or plot):
+        raise click.UsageError(
+            "--errors and --plot draw one evaluation's results; not with --corruptions"
+        )
     if corruptions:
         result = evaluation.robustness(
             ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
@@ -518,6 +537,11 @@ def evaluate(
         shown, replaced = evaluation.write_errors(report, errors_png)
         verb = "replaced" if replaced else "wrote"
         err().print(f"{verb} {errors_png} with the {shown} most confident mistakes")
+    if plot:
+        from cnnmnist import plots
+
+        plots.confusion(report.to_json(), plot)
+        err().print(f"drew the confusion matrix into {plot}")
 
 
 @cli.command()
