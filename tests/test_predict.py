@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from cnnmnist import checkpoint, serving
 from cnnmnist import predict as P
@@ -256,3 +256,62 @@ def _without_exif(image) -> bytes:
     blob = io.BytesIO()
     image.save(blob, format="PNG")
     return blob.getvalue()
+
+
+def _as_photo(digit: np.ndarray, light: float, noise: float, size: int = 300, seed: int = 0):
+    """An MNIST digit as a photo of dark ink on paper lit from one side: the paper's brightness
+    falls by `light` across the picture, with sensor noise of `noise` grey levels."""
+    rng = np.random.default_rng(seed)
+    ink = np.asarray(Image.fromarray(digit).resize((size // 2, size // 2), Image.BILINEAR)) / 255
+    mask = np.zeros((size, size))
+    mask[size // 4 : size // 4 + size // 2, size // 4 : size // 4 + size // 2] = ink
+    paper = 235 - light * np.mgrid[:size, :size][1] / size
+    photo = paper * (1 - mask) + 40 * mask + rng.normal(0, noise, (size, size))
+    blob = io.BytesIO()
+    Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(blob, format="PNG")
+    return blob.getvalue()
+
+
+@pytest.mark.parametrize("light", [0, 60, 110])
+def test_unevenly_lit_paper_keeps_the_strokes(mnist, light):
+    digit = mnist.test_images[3]
+    prepared = P.prepare("photo.png", _as_photo(digit, light, noise=6))
+    assert prepared.pixels.any(), "the strokes were taken for paper noise"
+    clean = P.to_mnist(P.ink_map(digit / 255.0))[0].astype(float)
+    got = prepared.pixels.astype(float)
+    assert np.corrcoef(clean.ravel(), got.ravel())[0, 1] > 0.85
+
+
+@pytest.mark.parametrize("tall", [8, 12, 16])
+def test_a_low_resolution_digit_cropped_to_its_ink_is_still_read(tall):
+    """A thick 0 cropped to its ink (its strokes are most of the border), scanned `tall`
+    pixels high and enlarged: the border's median is no measure of the paper's noise."""
+    ring = Image.new("L", (40, 60), 255)
+    ImageDraw.Draw(ring).ellipse([0, 0, 39, 59], outline=0, width=8)
+    small = ring.resize((round(40 * tall / 60), tall), Image.BOX)
+    blob = io.BytesIO()
+    small.resize((small.width * 4, small.height * 4), Image.BILINEAR).save(blob, format="PNG")
+    prepared = P.prepare("scan.png", blob.getvalue())
+    assert (prepared.pixels > 128).sum() > 60  # the ring, not a blank image
+
+
+def test_an_enlarged_small_digit_gets_steep_edges_like_mnist(mnist):
+    """A digit of 8x8 pixels enlarged to 20 would be a blur of ramps; MNIST's are not."""
+
+    def mid_grey_share(pixels):
+        x = pixels / 255.0
+        return ((x > 0.2) & (x < 0.8)).sum() / (x > 0.05).sum()
+
+    steeper = []
+    for digit in mnist.test_images[:20]:
+        small = np.asarray(Image.fromarray(digit).resize((8, 8), Image.BOX))
+        enlarged = P.to_mnist(P.ink_map(small / 255.0))[0]
+        # The same few pixels merely interpolated up to the 20-pixel box:
+        ink = P.ink_map(small / 255.0)
+        rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+        crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
+        scale = P.BOX / max(crop.shape)
+        size = (round(crop.shape[1] * scale), round(crop.shape[0] * scale))
+        plain = np.asarray(Image.fromarray(crop, mode="F").resize(size, Image.BILINEAR)) * 255
+        steeper.append(mid_grey_share(plain) - mid_grey_share(enlarged))
+    assert min(steeper) > 0 and np.mean(steeper) > 0.1
