@@ -133,9 +133,7 @@ def main() -> None:
     results: multiprocessing.Queue = multiprocessing.Queue()
     per = [args.clients // PROCESSES + (k < args.clients % PROCESSES) for k in range(PROCESSES)]
     procs = [
-        multiprocessing.Process(
-            target=client_process, args=(port, n, args.seconds, body, results)
-        )
+        multiprocessing.Process(target=client_process, args=(port, n, args.seconds, body, results))
         for n in per
         if n
     ]
