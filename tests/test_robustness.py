@@ -164,3 +164,21 @@ def test_images_does_not_mix_with_options_of_the_dataset(trained, tmp_path):
             ["evaluate", str(trained.checkpoint), "--images", str(tmp_path / "mine"), *extra],
         )
         assert result.exit_code == 2 and extra[0] in result.output, result.output
+
+
+def test_user_like_augmentation_trains_on_degraded_digits_and_serves_them_as_given(mnist):
+    import keras
+
+    from cnnmnist import model
+
+    layer = model.user_like()(rate=0.5, seed=3)
+    images = mnist.test_images[:400].reshape(-1, 28, 28, 1).astype("float32") / 255
+    trained = keras.ops.convert_to_numpy(layer(images, training=True))
+    assert np.array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
+    changed = np.abs(trained - images).max(axis=(1, 2, 3)) > 1e-3
+    assert 0.35 < changed.mean() < 0.65  # about `rate` of the images, each in one of 5 ways
+    thicker = (trained > 0.5).sum(axis=(1, 2, 3)) > (images > 0.5).sum(axis=(1, 2, 3))
+    thinner = (trained > 0.5).sum(axis=(1, 2, 3)) < (images > 0.5).sum(axis=(1, 2, 3))
+    assert thicker.sum() > 20 and thinner.sum() > 20
+    config = layer.get_config()
+    assert type(layer).from_config(config).get_config() == config  # model.keras reloads it
