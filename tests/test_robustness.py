@@ -71,6 +71,13 @@ def test_the_robustness_report_runs_end_to_end(trained, tmp_path, mnist_dir):
     assert report["mean_accuracy"] == pytest.approx(np.mean(accuracies))
     assert report["clean_accuracy"] > 0.9  # one epoch of the book's model
     assert min(accuracies) < report["clean_accuracy"]  # some corruption costs accuracy
+    # Preprocessing undoes what it is built to undo: grey paper, faded ink, an off-centre digit.
+    by_name = {row["name"]: row for row in report["corruptions"]}
+    for undone in ("brightness", "contrast", "translate"):
+        assert by_name[undone]["accuracy_prepared"] > by_name[undone]["accuracy"] + 0.2
+    assert report["mean_accuracy_prepared"] == pytest.approx(
+        np.mean([row["accuracy_prepared"] for row in report["corruptions"]])
+    )
     # The clean figure is the plain evaluation's.
     plain = CliRunner().invoke(cli, [*args[:2], "--split", "validation", "--json"] + args[-2:])
     assert json.loads(plain.stdout)["accuracy"] == report["clean_accuracy"]

@@ -253,8 +253,14 @@ def robustness(
     batch_size: int = 1000,
 ) -> dict[str, Any]:
     """Accuracy on a split, clean and under every corruption of the suite (the --corruptions
-    report): one fixed, seeded sample, so two runs on one checkpoint agree exactly."""
+    report): one fixed, seeded sample, so two runs on one checkpoint agree exactly. Each
+    corruption is scored twice: on the raw corrupted pixels (as MNIST-C scores a model), and
+    after `predict`'s preprocessing (what a user who sent that picture gets)."""
     from cnnmnist import corruptions, serving
+    from cnnmnist.predict import ink_map, to_mnist
+
+    def prepared(pixels: np.ndarray) -> np.ndarray:
+        return np.stack([to_mnist(ink_map(image / 255.0))[0] for image in pixels])
 
     ckpt, name, images, labels, warnings = _labelled(path, split, dataset, data_dir)
     started = time.perf_counter()
@@ -274,7 +280,9 @@ def robustness(
     clean = scored(images)
     rows = []
     for corruption, fn in corruptions.CORRUPTIONS.items():
-        row = scored(corruptions.apply(corruption, images))
+        corrupted = corruptions.apply(corruption, images)
+        row = scored(corrupted)
+        row["accuracy_prepared"] = scored(prepared(corrupted))["accuracy"]
         rows.append({"name": corruption, "description": fn.__doc__.strip()} | row)
     mean = float(np.mean([row["accuracy"] for row in rows]))
     return {
@@ -288,6 +296,8 @@ def robustness(
         "corruptions": rows,
         "mean_accuracy": mean,
         "mean_error_ratio": (1 - mean) / max(1 - clean["accuracy"], 1 / len(labels)),
+        "clean_accuracy_prepared": scored(prepared(images))["accuracy"],
+        "mean_accuracy_prepared": float(np.mean([row["accuracy_prepared"] for row in rows])),
         "seconds": round(time.perf_counter() - started, 3),
         "warnings": warnings,
     }
