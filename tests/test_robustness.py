@@ -54,18 +54,18 @@ def test_corruptions_refuse_what_is_not_a_batch_of_digits():
 
 
 def test_the_robustness_report_runs_end_to_end(trained, tmp_path, mnist_dir):
-    # A copy whose recorded validation split is 300 images keeps the suite quick.
+    # A copy whose recorded validation split is 200 images keeps the suite quick.
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained.checkpoint, ckpt)
     meta = json.loads((ckpt / "cnnmnist.json").read_text())
-    meta["dataset"]["validation_size"] = 300
+    meta["dataset"]["validation_size"] = 200
     (ckpt / "cnnmnist.json").write_text(json.dumps(meta))
     args = ["evaluate", str(ckpt), "--corruptions", "--split", "validation"]
     args += ["--data-dir", str(mnist_dir)]
     result = CliRunner().invoke(cli, [*args, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["n"] == 300
+    assert report["n"] == 200
     assert [row["name"] for row in report["corruptions"]] == list(corruptions.CORRUPTIONS)
     accuracies = [row["accuracy"] for row in report["corruptions"]]
     assert report["mean_accuracy"] == pytest.approx(np.mean(accuracies))
