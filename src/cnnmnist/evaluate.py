@@ -257,10 +257,7 @@ def robustness(
     corruption is scored twice: on the raw corrupted pixels (as MNIST-C scores a model), and
     after `predict`'s preprocessing (what a user who sent that picture gets)."""
     from cnnmnist import corruptions, serving
-    from cnnmnist.predict import ink_map, to_mnist
-
-    def prepared(pixels: np.ndarray) -> np.ndarray:
-        return np.stack([to_mnist(ink_map(image / 255.0))[0] for image in pixels])
+    from cnnmnist.predict import prepare_pixels as prepared
 
     ckpt, name, images, labels, warnings = _labelled(path, split, dataset, data_dir)
     started = time.perf_counter()

@@ -309,7 +309,11 @@ def has_ink(prepared: Prepared) -> bool:
     return prepared.pixels is not None and bool(prepared.pixels.any())
 
 
+def prepare_pixels(images: np.ndarray) -> np.ndarray:
+    """Grey uint8 images [N, H, W] (already decoded) through the same preprocessing."""
+    return np.stack([to_mnist(ink_map(image / 255.0))[0] for image in images])
+
+
 def mean_abs_change(images: np.ndarray) -> float:
     """How far preprocessing moves MNIST digits (0 = identity), in grey levels per pixel."""
-    out = [to_mnist(ink_map(img / 255.0))[0] for img in images]
-    return float(np.abs(np.stack(out).astype(float) - images.astype(float)).mean())
+    return float(np.abs(prepare_pixels(images).astype(float) - images.astype(float)).mean())
