@@ -346,3 +346,28 @@ def test_serve_without_its_extra_says_how_to_get_it(trained, monkeypatch):
     result = CliRunner().invoke(cli, ["serve", str(trained.checkpoint), "--port", "0"])
     assert result.exit_code == 1, result.output
     assert "needs uvicorn: pip install 'cnnmnist[serve]'" in result.output
+
+
+def test_without_the_tflite_copy_the_savedmodel_answers(trained, tmp_path, reference, mnist):
+    import shutil
+
+    from cnnmnist.checkpoint import TFLITE
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained.checkpoint, ckpt)
+    (ckpt / TFLITE).unlink()
+    model = serve.Model(ckpt, NAME, warn=print)
+    assert model.engine.name == "savedmodel"
+    running = serve.Server(model, "127.0.0.1", 0)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    try:
+        pixels = _digits(mnist, 3)
+        status, body = Client(running.port)(
+            "POST", f"/v1/models/{NAME}:predict", {"instances": pixels.tolist()}
+        )
+        assert status == 200, body
+        np.testing.assert_allclose(body["predictions"], reference.probabilities(pixels), atol=1e-5)
+    finally:
+        running.close()
+        thread.join(timeout=10)
