@@ -177,3 +177,26 @@ def test_only_routine_native_lines_are_dropped(line, routine):
     from cnnmnist.quiet import NOISE
 
     assert bool(NOISE.match(line)) is routine
+
+
+def test_predicting_one_image_stays_off_the_heavy_imports(trained, mnist, tmp_path):
+    """The TFLite path of `predict` needs neither TensorFlow nor numpy's masked arrays (which
+    np.median imports on its first call): each would be most of a second, or a tenth, added
+    to a one-image prediction's start."""
+    from PIL import Image
+
+    image = tmp_path / "digit.png"
+    Image.fromarray(mnist.test_images[0]).save(image)
+    args = ["predict", "--model", str(trained.checkpoint), str(image), "--json"]
+    code = f"""
+import sys
+from click.testing import CliRunner
+from cnnmnist.cli import cli
+result = CliRunner().invoke(cli, {args!r})
+assert result.exit_code == 0, result.output
+assert '"engine": "tflite"' in result.output, result.output
+heavy = [m for m in ("tensorflow", "keras", "numpy.ma") if m in sys.modules]
+assert not heavy, heavy
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -143,6 +143,17 @@ def _border(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
 
 
+def _median(values: np.ndarray) -> float:
+    """The median of a non-empty array. np.median's first call imports numpy.ma, a cost that
+    every `predict` would pay at start-up."""
+    values = np.ravel(values)
+    middle = values.size // 2
+    if values.size % 2:
+        return float(np.partition(values, middle)[middle])
+    low, high = np.partition(values, (middle - 1, middle))[middle - 1 : middle + 1]
+    return float(low + high) / 2
+
+
 def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     """Ink in [0, 1] (1 = stroke), whatever the polarity: light paper is inverted, the paper's
     own level is subtracted, and transparent pixels count as background."""
@@ -152,7 +163,7 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
         dark_strokes = opaque.any() and grey[opaque].mean() < 0.5
         ink = (1 - grey if dark_strokes else grey) * alpha
     else:
-        ink = 1 - grey if np.median(_border(grey)) > 0.5 else grey
+        ink = 1 - grey if _median(_border(grey)) > 0.5 else grey
     paper, sigma = _paper(ink)
     ink = ink - paper
     contrast = ink.max(initial=0)
@@ -175,8 +186,8 @@ def _paper(ink: np.ndarray) -> tuple[np.ndarray, float]:
     h, w = ink.shape
     if min(h, w) < MIN_SIDE_FOR_LIGHTING:
         border = _border(ink)
-        paper = np.median(border)
-        return np.full_like(ink, paper), float(1.4826 * np.median(np.abs(border - paper)))
+        paper = _median(border)
+        return np.full_like(ink, paper), float(1.4826 * _median(np.abs(border - paper)))
     ys, xs = np.mgrid[:h, :w]
     along = np.stack([_border(ys / h), _border(xs / w), np.ones(2 * (h + w))], axis=1)
     values = _border(ink)
@@ -184,7 +195,7 @@ def _paper(ink: np.ndarray) -> tuple[np.ndarray, float]:
     for _ in range(3):
         plane, *_ = np.linalg.lstsq(along[keep], values[keep], rcond=None)
         residual = values - along @ plane
-        sigma = 1.4826 * np.median(np.abs(residual[keep]))
+        sigma = 1.4826 * _median(np.abs(residual[keep]))
         keep = residual <= max(3 * sigma, 1e-9)  # ink is brighter than paper, never darker
     return plane[0] * ys / h + plane[1] * xs / w + plane[2], float(sigma)
 
