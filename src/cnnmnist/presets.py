@@ -265,10 +265,10 @@ register(
 register(
     Preset(
         name="fast",
-        description="99% in seconds: 2 conv layers (32, 32) pooled then batch-normalised, "
-        "half the training digits seen as users' images bring them (low resolution, thicker or "
-        "thinner strokes), one-cycle Adam at batch 256, 2 epochs on all 60,000 training "
-        "images, bfloat16 where fast",
+        description="99% in seconds: 2 batch-normalised conv layers (5x5x32 at stride 2, "
+        "3x3x32 pooled), half the training digits seen as users' images bring them (low "
+        "resolution, thicker or thinner strokes), one-cycle Adam at batch 256, 2 epochs on all "
+        "60,000 training images, bfloat16 where fast",
         model="fast",
         optimizer="adam",
         learning_rate=5e-3,
