@@ -33,9 +33,12 @@ def timed(cmd: list[str]) -> Timed:
         return Timed(seconds, round(usage.ru_maxrss / 1024), stdout.read_text())
 
 
-def timed_train(program: list[str], args: list[str], data_dir: Path | None) -> tuple[Timed, dict]:
-    """`PROGRAM train ARGS --out SCRATCH --json`, timed: the run and its parsed report."""
+def timed_train(
+    program: list[str], args: list[str], data_dir: Path | None, out: Path | None = None
+) -> tuple[Timed, dict]:
+    """`PROGRAM train ARGS --out OUT --json`, timed: the run and its parsed report (OUT: a
+    scratch directory, removed after, unless given)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [*program, "train", *args, "--out", str(Path(tmp) / "ckpt"), "--json"]
+        cmd = [*program, "train", *args, "--out", str(out or Path(tmp) / "ckpt"), "--json"]
         run = timed(cmd + (["--data-dir", str(data_dir)] if data_dir else []))
     return run, json.loads(run.stdout)

@@ -60,6 +60,12 @@ def test_wallclock_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
         and fast["seconds"] <= 30
         and record["ratio_to_plain_keras_one_epoch"] <= 1.0
     )
+    assert record["ratio_goal_met"] == (
+        fast["test_accuracy"] >= 0.99 and record["ratio_to_plain_keras_one_epoch"] <= 1.0
+    )
+    predict = results["predict_one_image"]
+    assert len(predict["runs"]) == 2 and predict["median"] > 0
+    assert predict["python_importing_numpy"]["median"] > 0
 
 
 def test_choose_best_tiny_records_validation_accuracy_only(tmp_path, mnist_dir):
