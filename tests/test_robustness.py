@@ -189,3 +189,19 @@ def test_user_like_augmentation_trains_on_degraded_digits_and_serves_them_as_giv
     assert thicker.sum() > 20 and thinner.sum() > 20
     config = layer.get_config()
     assert type(layer).from_config(config).get_config() == config  # model.keras reloads it
+
+
+@pytest.mark.parametrize("side", [9, 12, 15])
+def test_user_like_low_resolution_is_tensorflows_antialiased_resize(side):
+    """The augmentation's low resolution is a pair of matrices (XLA compiles those), equal to
+    an antialiased resize down and a bilinear one back up."""
+    import tensorflow as tf
+
+    from cnnmnist import model
+
+    images = np.random.default_rng(side).random((8, 28, 28, 1)).astype(np.float32)
+    there_and_back = model.resampling(28, side) @ model.resampling(side, 28)
+    ours = np.einsum("ij,bjkc,lk->bilc", there_and_back, images, there_and_back)
+    low = tf.image.resize(images, (side, side), antialias=True)
+    theirs = tf.image.resize(low, (28, 28)).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

@@ -159,20 +159,35 @@ def _best(x):
     return layers.Dropout(0.3, name="dropout3")(_dense_bn(x, 256))
 
 
+def resampling(size_out: int, size_in: int):
+    """The [size_out, size_in] matrix of a linear resize along one axis: a triangle filter,
+    widened when shrinking so that every input pixel counts (antialiasing), rows summing
+    to 1. An image resizes as R @ X @ R.T."""
+    import numpy as np
+
+    scale = size_out / size_in
+    radius = max(1.0, 1.0 / scale)  # in input pixels
+    centres = (np.arange(size_out) + 0.5) / scale - 0.5
+    weights = np.maximum(0.0, 1.0 - np.abs(np.arange(size_in) - centres[:, None]) / radius)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
 @functools.cache
 def user_like() -> type:
     """A training-time layer that shows the network digits as users' images bring them: a
     share `rate` of each batch, split evenly, at a low resolution (9, 12 or 15 pixels high,
-    bilinear back to 28), with strokes a pixel thicker, or thinner; the rest as it is.
-    Inactive at inference, so the exported model is untouched. Registered so model.keras
-    reloads."""
+    back to 28), with strokes a pixel thicker, or thinner; the rest as it is. Inactive at
+    inference, so the exported model is untouched. Registered so model.keras reloads."""
     import keras
+    import numpy as np
     from keras import ops
 
     def low_resolution(side):
-        return lambda x: ops.image.resize(
-            ops.image.resize(x, (side, side), antialias=True), (28, 28)
-        )
+        # Down to side x side and back up, as one 28x28 matrix on each axis: a matrix product
+        # compiles under XLA (the GPU path), where an antialiased image resize has no kernel.
+        matrix = resampling(INPUT_SHAPE[0], side) @ resampling(side, INPUT_SHAPE[0])
+        matrix = matrix.astype(np.float32)
+        return lambda x: ops.einsum("ij,bjkc,lk->bilc", matrix, x, matrix)
 
     variants = [low_resolution(side) for side in (9, 12, 15)]
     variants.append(lambda x: ops.max_pool(x, 2, strides=1, padding="same"))  # thicker
