@@ -205,7 +205,7 @@ def user_like() -> type:
                 return x
             # Batches come shuffled, so consecutive slices of one are random images: each
             # variant transforms only its own slice, where drawing a variant per image meant
-            # computing all five for every image (a third of a training step here).
+            # computing all five for every image, most of what the layer cost.
             size = ops.shape(x)[0]
             each = ops.cast(ops.cast(size, "float32") * (self.rate / len(variants)), "int32")
             parts = [variant(x[k * each : (k + 1) * each]) for k, variant in enumerate(variants)]
