@@ -80,7 +80,7 @@ def main() -> None:
     }
     if not runtime.cpu_flags() & runtime.NATIVE_BF16 and not args.tiny:
         # Emulated bfloat16 runs several times slower than float32, and `--precision auto`
-        # never picks it on such a CPU.
+        # never picks it on such a CPU. A tiny run keeps it: the smoke test covers its code.
         del contenders["cnnmnist_bfloat16"]
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)

@@ -107,18 +107,18 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
 
     fast, keras_runs = [], []
-    scratch = Path(tempfile.mkdtemp())
-    for seed in (1, 2, 3)[: 1 if args.tiny else 3]:
-        # Alternately, so that a slow spell of this machine hits both alike.
-        keras_runs.append(plain_keras(args.data_dir, 1024 if args.tiny else None))
-        print(f"plain Keras, one epoch: {keras_runs[-1]}", flush=True)
-        options = ["--preset", "fast", "--seed", str(seed), "--precision", args.precision]
-        shutil.rmtree(scratch / "fast", ignore_errors=True)
-        fast.append(train([*options, *tiny], args.data_dir, scratch / "fast"))
-        print(f"fast seed {seed}: {fast[-1]}", flush=True)
-    predict = predict_one_image(scratch / "fast", args.data_dir, scratch, 2 if args.tiny else 7)
-    print(f"predict, one image: {predict}", flush=True)
-    shutil.rmtree(scratch)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        for seed in (1, 2, 3)[: 1 if args.tiny else 3]:
+            # Alternately, so that a slow spell of this machine hits both alike.
+            keras_runs.append(plain_keras(args.data_dir, 1024 if args.tiny else None))
+            print(f"plain Keras, one epoch: {keras_runs[-1]}", flush=True)
+            options = ["--preset", "fast", "--seed", str(seed), "--precision", args.precision]
+            ckpt = scratch / f"fast-{seed}"
+            fast.append(train([*options, *tiny], args.data_dir, ckpt))
+            print(f"fast seed {seed}: {fast[-1]}", flush=True)
+        predict = predict_one_image(ckpt, args.data_dir, scratch, 2 if args.tiny else 7)
+        print(f"predict, one image: {predict}", flush=True)
     ratio = statistics.median(r["seconds"] for r in fast) / statistics.median(
         r["seconds"] for r in keras_runs
     )

@@ -76,3 +76,20 @@ def test_choose_best_tiny_records_validation_accuracy_only(tmp_path, mnist_dir):
         (accuracy,) = candidate["val_accuracy"]  # --tiny: one epoch
         assert 0.0 <= accuracy <= 1.0
         assert "test_accuracy" not in candidate
+
+
+def test_step_profile_tiny_writes_a_well_formed_results_file(tmp_path):
+    out = tmp_path / "step_profile.json"  # random pixels: timing needs no dataset
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--tiny"]
+    proc = subprocess.run(
+        [*command, "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert len(results["fast_pieces_ms_batch_96"]) == 9
+    assert all(ms > 0 for ms in results["fast_pieces_ms_batch_96"].values())
+    best = results["best_step_batch_128"]
+    assert best["whole_ms"] > 0 and best["without_augmentation_ms"] > 0
+    assert best["augmentation_alone_ms"] > 0
+    ceiling = results["book_recipe_loop_ceiling"]
+    assert len(ceiling["ratio_per_round"]) == 1 and ceiling["median_ratio"] > 0

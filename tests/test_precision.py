@@ -106,7 +106,7 @@ def test_every_preset_steps_under_xla_where_keras_would_compile_it(name, mnist):
 
     recipe = presets.get(name)
     net = model.compile_model(recipe, 2)
-    refusing = [type(layer).__name__ for layer in net._flatten_layers() if not layer.supports_jit]
+    refusing = [type(layer).__name__ for layer in net.layers if not layer.supports_jit]
     assert set(refusing) <= set(NO_XLA), refusing
     net.jit_compile = True  # Keras's choice on a GPU; it stays False if a layer refuses
     assert net.jit_compile == (not refusing)
