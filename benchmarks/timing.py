@@ -18,13 +18,14 @@ class Timed:
     stdout: str
 
 
-def timed(cmd: list[str]) -> Timed:
-    """Run `cmd` to completion; exit with its stderr's tail if it fails."""
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> Timed:
+    """Run `cmd` to completion (in `env`, else this environment); exit with its stderr's
+    tail if it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
         start = time.perf_counter()
         with open(stdout, "w") as out, open(stderr, "w") as err:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
         seconds = time.perf_counter() - start
         code = os.waitstatus_to_exitcode(status)
