@@ -6,6 +6,7 @@ interrupted reproduction continues where it stopped (finished runs are reused).
 
     python benchmarks/reproduce.py                  # every row, seeds 1 2 3 (hours)
     python benchmarks/reproduce.py --only seed-rmsprop   # re-run one row from scratch
+    python benchmarks/reproduce.py --only best --keep /tmp/ckpts  # and keep its checkpoints
     python benchmarks/reproduce.py --tiny --out /tmp/r.json   # smoke test: 1 short run per row
 """
 
@@ -42,10 +43,13 @@ TINY = ["--epochs", "1", "--train-size", "1000", "--validation-size", "500"]
 START, END = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
 
 
-def run_once(config: str, seed: int, tiny: bool, data_dir: Path | None) -> dict:
-    """One `cnnmnist train` in a subprocess: its test accuracy, wall minutes and peak memory."""
+def run_once(
+    config: str, seed: int, tiny: bool, data_dir: Path | None, out: Path | None = None
+) -> dict:
+    """One `cnnmnist train` in a subprocess: its test accuracy, wall minutes and peak memory
+    (its checkpoint kept at `out`, if given)."""
     args = ["--config", str(ROOT / config), "--seed", str(seed), *(TINY if tiny else [])]
-    run, report = timed_train([sys.executable, "-m", "cnnmnist"], args, data_dir)
+    run, report = timed_train([sys.executable, "-m", "cnnmnist"], args, data_dir, out)
     return {
         "seed": seed,
         "test_accuracy": report["test_accuracy"],
@@ -90,8 +94,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="one short run per row (smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="keep each run's checkpoint as DIR/ROW-seedN"
+    )
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.tiny else args.seeds
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     by_name = {row["name"]: row for row in results["rows"]}
@@ -109,7 +118,8 @@ def main() -> None:
         for seed in seeds:
             if any(r["seed"] == seed for r in row["runs"]):
                 continue  # finished earlier: reuse
-            run = run_once(row["config"], seed, args.tiny, args.data_dir)
+            keep = args.keep / f"{row['name']}-seed{seed}" if args.keep else None
+            run = run_once(row["config"], seed, args.tiny, args.data_dir, keep)
             row["runs"].append(run)
             print(
                 f"{row['name']:18s} seed {seed}: {run['test_accuracy']:.4f} "
