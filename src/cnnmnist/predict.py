@@ -165,6 +165,10 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     else:
         ink = 1 - grey if _median(_border(grey)) > 0.5 else grey
     paper, sigma = _paper(ink)
+    if 5 * sigma > MAX_NOISE_FLOOR * (ink - paper).max(initial=0):
+        # "Noise" this large is ink along the border (a digit cropped tight, a blurred scan):
+        # the middle of the border is stroke, so the paper is its lower envelope instead.
+        paper = _paper(ink, tight=True)[0]
     ink = ink - paper
     contrast = ink.max(initial=0)
     if contrast < MIN_CONTRAST:
@@ -179,24 +183,29 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     return _despeckle(np.where(ink > min(max(5 * sigma, INK_FLOOR), MAX_NOISE_FLOOR), ink, 0.0))
 
 
-def _paper(ink: np.ndarray) -> tuple[np.ndarray, float]:
+def _paper(ink: np.ndarray, tight: bool = False) -> tuple[np.ndarray, float]:
     """The paper's level under the ink, and its noise: a plane fitted to the image's border
     (light falls off across a photo), refitted without the border pixels that are ink. A
-    small image (a scan of a few pixels, mostly ink to its edges) gets its border's median."""
+    small image (a scan of a few pixels) gets its border's median. `tight`: the border is
+    mostly ink, so the first refit keeps only the pixels under the plane, and a small image
+    gets its border's tenth percentile."""
     h, w = ink.shape
     if min(h, w) < MIN_SIDE_FOR_LIGHTING:
         border = _border(ink)
-        paper = _median(border)
-        return np.full_like(ink, paper), float(1.4826 * _median(np.abs(border - paper)))
+        median = _median(border)
+        tenth = np.partition(border, border.size // 10)[border.size // 10]
+        sigma = 1.4826 * _median(np.abs(border - median))
+        return np.full_like(ink, tenth if tight else median), float(sigma)
     ys, xs = np.mgrid[:h, :w]
     along = np.stack([_border(ys / h), _border(xs / w), np.ones(2 * (h + w))], axis=1)
     values = _border(ink)
     keep = np.ones(len(values), bool)
-    for _ in range(3):
+    for step in range(3):
         plane, *_ = np.linalg.lstsq(along[keep], values[keep], rcond=None)
         residual = values - along @ plane
         sigma = 1.4826 * _median(np.abs(residual[keep]))
-        keep = residual <= max(3 * sigma, 1e-9)  # ink is brighter than paper, never darker
+        clip = 0.0 if tight and step == 0 else max(3 * sigma, 1e-9)
+        keep = residual <= clip  # ink is brighter than paper, never darker
     return plane[0] * ys / h + plane[1] * xs / w + plane[2], float(sigma)
 
 
