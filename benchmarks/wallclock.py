@@ -11,6 +11,7 @@ one image with the last fast run's checkpoint (beside the bare interpreter impor
     python benchmarks/wallclock.py --skip-seed-run   # keep the recorded 15-epoch run
     python benchmarks/wallclock.py --precision float32 --skip-seed-run   # the path of a CPU
                                                      # without native bfloat16
+    python benchmarks/wallclock.py --predict-only CKPT   # re-measure predict alone
     python benchmarks/wallclock.py --tiny --out /tmp/w.json   # smoke test (CI)
 """
 
@@ -107,10 +108,26 @@ def main() -> None:
         help="the fast runs' --precision (auto: bfloat16 only where the CPU has it natively)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--predict-only",
+        type=Path,
+        metavar="CKPT",
+        help="measure only `predict` of one image, with this checkpoint, and update that "
+        "entry of --out",
+    )
     args = parser.parse_args()
     tiny = TINY if args.tiny else []
     path = resolve_precision(args.precision, cpu_flags(), has_gpu=False)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+
+    if args.predict_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            predict = predict_one_image(args.predict_only, args.data_dir, Path(tmp), 9)
+        predict["command"] = f"python benchmarks/wallclock.py --predict-only {args.predict_only}"
+        print(f"predict, one image: {predict}", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(previous | {"predict_one_image": predict}, indent=2) + "\n")
+        return
 
     fast, keras_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -75,6 +75,20 @@ def test_wallclock_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
     assert predict["python_importing_numpy"]["median"] > 0
 
 
+def test_wallclock_predict_only_updates_that_entry_alone(tmp_path, trained, mnist_dir):
+    out = tmp_path / "wallclock.json"
+    out.write_text(json.dumps({"help_seconds": {"median": 0.1}}))
+    command = [sys.executable, str(ROOT / "benchmarks" / "wallclock.py"), "--out", str(out)]
+    command += ["--predict-only", str(trained.checkpoint), "--data-dir", str(mnist_dir)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["help_seconds"] == {"median": 0.1}  # the rest of the record is kept
+    predict = results["predict_one_image"]
+    assert len(predict["runs"]) == 9 and predict["median"] > 0
+    assert str(trained.checkpoint) in predict["command"]
+
+
 def test_choose_best_tiny_records_validation_accuracy_only(tmp_path, mnist_dir):
     results = run_tiny("choose_best.py", tmp_path / "choose_best.json", mnist_dir)
     assert len(results) == 1  # --tiny: the last candidate only
