@@ -1,7 +1,7 @@
 """How well checkpoints read digits that are not MNIST's: a development set of user-like digits,
 rendered here from offline sources, and the corruption suite on the MNIST test set.
 
-    python benchmarks/robustness.py CKPT [CKPT ...] [--devset DIR] [--out FILE] [--append]
+    python benchmarks/robustness.py CKPT [CKPT ...] [--devset DIR] [--out FILE]
 
 Parts of the development set (each a folder laid out for `cnnmnist evaluate --images`):
   printed        digits 0-9 in every TrueType font the machine has, three sizes, slightly turned
@@ -378,12 +378,6 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--devset", type=Path, default=Path("devset"))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "robustness.json")
-    parser.add_argument(
-        "--append",
-        action="store_true",
-        help="add these checkpoints' rows to the results file (a row of the same path is "
-        "replaced) instead of starting it afresh",
-    )
     args = parser.parse_args()
     started = time.perf_counter()
     counts = render(args.devset)
@@ -395,14 +389,8 @@ def main() -> None:
     for ckpt in args.checkpoints:
         rows.append(measure(ckpt, args.devset))
         print(f"measured {ckpt}", file=sys.stderr)
-    command = "python benchmarks/robustness.py " + " ".join(map(str, args.checkpoints))
-    if args.append and args.out.exists():
-        earlier = json.loads(args.out.read_text())
-        paths = {row["checkpoint"] for row in rows}
-        rows = [row for row in earlier["checkpoints"] if row["checkpoint"] not in paths] + rows
-        command = f"{earlier['command']}; then: {command} --append"
     record = {
-        "command": command,
+        "command": "python benchmarks/robustness.py " + " ".join(map(str, args.checkpoints)),
         "devset": {"seed": SEED, "images": counts, "fonts": len(fonts())},
         "checkpoints": rows,
     }

@@ -24,7 +24,8 @@ def test_reproduce_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
     # test_presets and every preset trained in test_every_preset): the second run keeps
     # the first one's row.
     out = tmp_path / "reproduce.json"
-    run_tiny("reproduce.py", out, mnist_dir, "--only", "seed-adam")
+    run_tiny("reproduce.py", out, mnist_dir, "--only", "seed-adam", "--keep", str(tmp_path))
+    assert (tmp_path / "seed-adam-seed1" / "cnnmnist.json").exists()  # --keep: its checkpoint
     results = run_tiny("reproduce.py", out, mnist_dir, "--only", "best")
     names = [row["name"] for row in results["rows"]]
     assert {"seed-adam", "seed-rmsprop", "seed-layers", "mlp", "best"} <= set(names)
