@@ -193,9 +193,9 @@ def _paper(ink: np.ndarray, tight: bool = False) -> tuple[np.ndarray, float]:
     if min(h, w) < MIN_SIDE_FOR_LIGHTING:
         border = _border(ink)
         median = _median(border)
-        tenth = np.partition(border, border.size // 10)[border.size // 10]
         sigma = 1.4826 * _median(np.abs(border - median))
-        return np.full_like(ink, tenth if tight else median), float(sigma)
+        level = np.partition(border, border.size // 10)[border.size // 10] if tight else median
+        return np.full_like(ink, level), float(sigma)
     ys, xs = np.mgrid[:h, :w]
     along = np.stack([_border(ys / h), _border(xs / w), np.ones(2 * (h + w))], axis=1)
     values = _border(ink)
