@@ -205,3 +205,39 @@ def test_user_like_low_resolution_is_tensorflows_antialiased_resize(side):
     low = tf.image.resize(images, (side, side), antialias=True)
     theirs = tf.image.resize(low, (28, 28)).numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_stretch_passes_mnist_through_and_reads_grey_paper_as_black(mnist):
+    import keras
+
+    from cnnmnist import model
+
+    layer = model.stretch()()
+    images = mnist.test_images.reshape(-1, 28, 28, 1)
+    scaled = images.astype("float32") / 255
+    # Every MNIST digit spans the full range: exactly what the network was trained on.
+    assert np.array_equal(keras.ops.convert_to_numpy(layer(scaled)), scaled)
+    for name in ("brightness", "contrast"):
+        grey = corruptions.apply(name, mnist.test_images[:500]).reshape(-1, 28, 28, 1) / 255
+        back = keras.ops.convert_to_numpy(layer(grey.astype("float32")))
+        assert back.min() == 0 and back.max() == pytest.approx(254 / 255)
+        # Brightness clips the ink at white, so its edges come back bolder than they were.
+        assert np.abs(back - scaled[:500]).mean() < np.abs(grey - scaled[:500]).mean() / 10, name
+    flat = keras.ops.convert_to_numpy(layer(np.full((1, 28, 28, 1), 0.5, "float32")))
+    assert np.array_equal(flat, np.zeros_like(flat))  # a blank image stays blank, not NaN
+    faint = keras.ops.convert_to_numpy(layer(scaled[:1] * 0.01))
+    assert faint.max() == pytest.approx(0.01 * layer.MAX_GAIN * scaled[:1].max())
+
+
+@pytest.mark.parametrize("name", ["best", "fast"])
+def test_the_trained_presets_read_grey_paper_straight_from_their_input(name, mnist):
+    """A client that feeds the model directly (the SavedModel, an app) gets the same digit for
+    a washed-out image as for the clean one; the book's presets stay as the book has them."""
+    from cnnmnist import model, presets
+
+    net = model.build(presets.get(name))
+    images = mnist.test_images[:200]
+    clean = net.predict(images.reshape(-1, 28, 28, 1).astype("float32"), verbose=0)
+    washed = corruptions.apply("contrast", images).reshape(-1, 28, 28, 1).astype("float32")
+    np.testing.assert_allclose(net.predict(washed, verbose=0), clean, rtol=0.02, atol=0.02)
+    assert "stretch" not in [layer.name for layer in model.build(presets.get("seed")).layers]

@@ -142,6 +142,7 @@ def _dense_bn(x, units: int, momentum: float = 0.99):
 def _best(x):
     from keras import layers
 
+    x = stretch()(dtype="float32", name="stretch")(x)
     # Augmentation is a training-time layer: inactive at inference, so the exported
     # signature sees the digit as given. float32: the image ops have no bfloat16 kernels.
     x = layers.RandomRotation(10 / 360, fill_mode="constant", dtype="float32", name="rotate")(x)
@@ -217,10 +218,37 @@ def user_like() -> type:
     return UserLike
 
 
+@functools.cache
+def stretch() -> type:
+    """A layer that reads a grey or washed-out image as MNIST's white ink on black: the
+    image's darkest pixel taken as its paper, its contrast stretched up to MNIST's when it has
+    less (at most `MAX_GAIN` times, so a blank image is not stretched into noise). Every MNIST
+    digit already spans 0 to 254 or 255 and passes through exactly (divided by 1, minus 0), so
+    training is unchanged; what it buys is a model that a client feeding pixels straight to
+    the SavedModel or TFLite file cannot break with grey paper. Registered so model.keras
+    reloads."""
+    import keras
+    from keras import ops
+
+    full = 254 / 255  # the faintest top ink level among MNIST's digits, in the scaled pixels
+
+    @keras.saving.register_keras_serializable(package="cnnmnist")
+    class Stretch(keras.layers.Layer):
+        MAX_GAIN = 8.0
+
+        def call(self, x):
+            paper = ops.min(x, axis=(1, 2, 3), keepdims=True)
+            span = ops.max(x, axis=(1, 2, 3), keepdims=True) - paper
+            return (x - paper) / ops.clip(span / full, 1 / self.MAX_GAIN, 1.0)
+
+    return Stretch
+
+
 @architecture("fast")
 def _fast(x):
     from keras import layers
 
+    x = stretch()(dtype="float32", name="stretch")(x)
     # Digits as users' images bring them (low resolution, other stroke widths): without them a
     # model trained two epochs on MNIST alone read other writers' 8x8 scans near chance.
     x = user_like()(dtype="float32", name="user_like")(x)
