@@ -165,10 +165,6 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     else:
         ink = 1 - grey if _median(_border(grey)) > 0.5 else grey
     paper, sigma = _paper(ink)
-    if 5 * sigma > MAX_NOISE_FLOOR * (ink - paper).max(initial=0):
-        # "Noise" this large is ink along the border (a digit cropped tight, a blurred scan):
-        # the middle of the border is stroke, so the paper is its lower envelope instead.
-        paper = _paper(ink, tight=True)[0]
     ink = ink - paper
     contrast = ink.max(initial=0)
     if contrast < MIN_CONTRAST:
@@ -183,12 +179,22 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     return _despeckle(np.where(ink > min(max(5 * sigma, INK_FLOOR), MAX_NOISE_FLOOR), ink, 0.0))
 
 
-def _paper(ink: np.ndarray, tight: bool = False) -> tuple[np.ndarray, float]:
-    """The paper's level under the ink, and its noise: a plane fitted to the image's border
-    (light falls off across a photo), refitted without the border pixels that are ink. A
-    small image (a scan of a few pixels) gets its border's median. `tight`: the border is
-    mostly ink, so the first refit keeps only the pixels under the plane, and a small image
-    gets its border's tenth percentile."""
+def _paper(ink: np.ndarray) -> tuple[np.ndarray, float]:
+    """The paper's level under the ink, and its noise, from the image's border."""
+    paper, sigma = _border_level(ink)
+    if 5 * sigma > MAX_NOISE_FLOOR * (ink - paper).max(initial=0):
+        # "Noise" this large is ink along the border (a digit cropped tight, a blurred scan):
+        # the middle of the border is stroke, so the paper is its lower envelope instead.
+        paper = _border_level(ink, tight=True)[0]
+    return paper, sigma
+
+
+def _border_level(ink: np.ndarray, tight: bool = False) -> tuple[np.ndarray, float]:
+    """A plane fitted to the image's border (light falls off across a photo), refitted
+    without the border pixels that are ink, and the residuals' spread. A small image (a scan
+    of a few pixels) gets its border's median. `tight`: the border is mostly ink, so the
+    first refit keeps only the pixels under the plane, and a small image gets its border's
+    tenth percentile."""
     h, w = ink.shape
     if min(h, w) < MIN_SIDE_FOR_LIGHTING:
         border = _border(ink)
