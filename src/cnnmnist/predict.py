@@ -21,6 +21,7 @@ MAX_BYTES = 64 * 2**20  # an image file (or stdin) larger than this is refused w
 MAX_SIDE = 1024
 INK_FLOOR = 0.02  # ink below this (after background removal) is noise, not stroke
 MIN_SIDE_FOR_LIGHTING = 32  # pixels: below this, the paper is taken as evenly lit
+MIN_SPECKS = 3  # fewer isolated pixels on clean paper are the digit's own (MNIST has some)
 MAX_NOISE_FLOOR = 0.35  # noise never removes more than the faintest third of the strokes
 MIN_CONTRAST = 0.1  # less contrast than this between paper and darkest stroke: no ink
 BOX = 20  # MNIST digits fit a 20 x 20 box ...
@@ -171,10 +172,12 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
         return np.zeros_like(ink)
     ink = np.clip(ink / contrast, 0, 1)
     # Paper grain and sensor noise: anything within 5 sigma of the paper level is not ink,
-    # and isolated specks must not stretch the digit's box. Clean images skip both. The cap
-    # keeps strokes when the border itself is mostly ink (a digit cropped tight).
+    # and isolated specks must not stretch the digit's box. Clean images skip both (the median
+    # would wear down a thin stroke), unless specks show on paper that is otherwise clean
+    # (salt noise, dust: too sparse to move the border's median). The cap keeps strokes when
+    # the border itself is mostly ink (a digit cropped tight).
     sigma /= contrast
-    if sigma == 0:
+    if sigma == 0 and _specks(ink > INK_FLOOR) < MIN_SPECKS:
         return ink
     return _despeckle(np.where(ink > min(max(5 * sigma, INK_FLOOR), MAX_NOISE_FLOOR), ink, 0.0))
 
@@ -213,6 +216,19 @@ def _border_level(ink: np.ndarray, tight: bool = False) -> tuple[np.ndarray, flo
         clip = 0.0 if tight and step == 0 else max(3 * sigma, 1e-9)
         keep = residual <= clip  # ink is brighter than paper, never darker
     return plane[0] * ys / h + plane[1] * xs / w + plane[2], float(sigma)
+
+
+def _specks(mask: np.ndarray) -> int:
+    """How many pixels of the mask have none of their 8 neighbours in it."""
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    neighbours = sum(
+        padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w].astype(np.uint8)
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+        if dy or dx
+    )
+    return int((mask & (neighbours == 0)).sum())
 
 
 def _despeckle(ink: np.ndarray) -> np.ndarray:
