@@ -145,6 +145,8 @@ def _best(x):
     x = stretch()(dtype="float32", name="stretch")(x)
     # Augmentation is a training-time layer: inactive at inference, so the exported
     # signature sees the digit as given. float32: the image ops have no bfloat16 kernels.
+    # First as users' images bring them (as `fast`), then turned, shifted and zoomed.
+    x = user_like()(dtype="float32", name="user_like")(x)
     x = layers.RandomRotation(10 / 360, fill_mode="constant", dtype="float32", name="rotate")(x)
     x = layers.RandomTranslation(0.1, 0.1, fill_mode="constant", dtype="float32", name="shift")(x)
     x = layers.RandomZoom(0.1, fill_mode="constant", dtype="float32", name="zoom")(x)
