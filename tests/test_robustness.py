@@ -230,7 +230,7 @@ def test_stretch_passes_mnist_through_and_reads_grey_paper_as_black(mnist):
 
 
 @pytest.mark.parametrize("name", ["best", "fast"])
-def test_the_trained_presets_read_grey_paper_straight_from_their_input(name, mnist):
+def test_the_presets_models_read_grey_paper_straight_from_their_input(name, mnist):
     """A client that feeds the model directly (the SavedModel, an app) gets the same digit for
     a washed-out image as for the clean one; the book's presets stay as the book has them."""
     from cnnmnist import model, presets
