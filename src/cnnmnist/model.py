@@ -119,13 +119,25 @@ def tf1_rmsprop() -> type:
     return TF1RMSprop
 
 
-def _conv_bn(x, filters: int, name: str):
+def _conv_bn(x, filters: int, name: str, strides: int = 1):
     """Conv 3x3 SAME without bias, batch norm, ReLU (the `best` building block)."""
     from keras import layers
 
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def _strided_stem(x, momentum: float = 0.99):
+    """The first layer of `fast` and `best`: 5x5 patches two pixels apart, 32 filters, batch
+    norm, ReLU. A single-channel convolution at full resolution and the pooling after it cost
+    as much as the next layer (oneDNN works poorly on one input channel); the strided layer
+    reads as well."""
+    from keras import layers
+
+    x = layers.Conv2D(32, 5, strides=2, padding="same", use_bias=False, name="conv1")(x)
+    x = layers.BatchNormalization(momentum=momentum, name="conv1_bn")(x)
+    return layers.Activation("relu", name="conv1_relu")(x)
 
 
 def _dense_bn(x, units: int, momentum: float = 0.99):
@@ -150,13 +162,15 @@ def _best(x):
     x = layers.RandomRotation(10 / 360, fill_mode="constant", dtype="float32", name="rotate")(x)
     x = layers.RandomTranslation(0.1, 0.1, fill_mode="constant", dtype="float32", name="shift")(x)
     x = layers.RandomZoom(0.1, fill_mode="constant", dtype="float32", name="zoom")(x)
-    x = _conv_bn(x, 32, "conv1")
+    # Strides, not max pooling, halve the resolution, and the first layer is `fast`'s: a 3x3
+    # convolution at 28x28 and the pooling after each pair made a step on a CPU without
+    # native bfloat16 about twice as long, which kept a run over 20 minutes there. How the
+    # two networks validate: benchmarks/results/choose_best.json.
+    x = _strided_stem(x)
     x = _conv_bn(x, 32, "conv2")
-    x = layers.MaxPooling2D(2, name="pool1")(x)
     x = layers.Dropout(0.1, name="dropout1")(x)
     x = _conv_bn(x, 64, "conv3")
-    x = _conv_bn(x, 64, "conv4")
-    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = _conv_bn(x, 64, "conv4", strides=2)
     x = layers.Dropout(0.2, name="dropout2")(x)
     x = layers.Flatten(name="flatten")(x)
     return layers.Dropout(0.3, name="dropout3")(_dense_bn(x, 256))
@@ -255,15 +269,10 @@ def _fast(x):
     # model trained two epochs on MNIST alone read other writers' 8x8 scans near chance.
     x = user_like()(dtype="float32", name="user_like")(x)
 
-    # The first layer looks at 5x5 patches two pixels apart: a single-channel convolution at
-    # full resolution and its max pooling cost as much as the second layer (oneDNN works
-    # poorly on one input channel), and the strided layer read as well. The second pools
-    # before batch norm, so the normalisation and ReLU run on a quarter of the pixels.
-    # Momentum 0.9: the moving statistics follow the weights within a short run (0.99 lags);
-    # settle_batch_norm then replaces them by exact ones at the end.
-    x = layers.Conv2D(32, 5, strides=2, padding="same", use_bias=False, name="conv1")(x)
-    x = layers.BatchNormalization(momentum=0.9, name="conv1_bn")(x)
-    x = layers.Activation("relu", name="conv1_relu")(x)
+    # The second layer pools before batch norm, so the normalisation and ReLU run on a
+    # quarter of the pixels. Momentum 0.9: the moving statistics follow the weights within a
+    # short run (0.99 lags); settle_batch_norm then replaces them by exact ones at the end.
+    x = _strided_stem(x, momentum=0.9)
     x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="conv2")(x)
     x = layers.MaxPooling2D(2, name="conv2_pool")(x)
     x = layers.BatchNormalization(momentum=0.9, name="conv2_bn")(x)
