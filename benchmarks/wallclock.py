@@ -65,7 +65,8 @@ def plain_keras(data_dir: Path | None, images: int | None = None) -> dict:
 
 def predict_one_image(ckpt: Path, data_dir: Path | None, scratch: Path, runs: int = 7) -> dict:
     """`cnnmnist predict --model CKPT digit.png`, whole process, beside the bare interpreter
-    importing numpy (what any Python tool that reads an image pays), alternately."""
+    importing numpy (what any Python tool that reads an image pays) and importing every
+    library `predict` cannot do without (its floor on this machine), alternately."""
     from PIL import Image
 
     from cnnmnist import data
@@ -74,23 +75,37 @@ def predict_one_image(ckpt: Path, data_dir: Path | None, scratch: Path, runs: in
     Image.fromarray(data.load("mnist", data_dir, allow_download=False).test_images[0]).save(image)
     command = [*cnnmnist(), "predict", "--model", str(ckpt), str(image)]
     numpy = [sys.executable, "-c", "import numpy"]
+    libraries = [
+        sys.executable,
+        "-c",
+        "import numpy, click, rich.console, rich.table\n"
+        "from PIL import Image, ImageOps\n"
+        "from ai_edge_litert.interpreter import Interpreter\n"
+        f"Image.open({str(image)!r}).load()",
+    ]
     # Both with compiled bytecode, as an installed package has it (pip compiles it; Python
     # writes it on first import), even where PYTHONDONTWRITEBYTECODE is set: compiling the
     # package's sources on every run is not what a user pays. An untimed run writes it.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(scratch / "bytecode")
-    for warm_up in (command, numpy):
+    for warm_up in (command, numpy, libraries):
         timed(warm_up, env)
-    seconds, baseline = [], []
+    seconds, baseline, floor = [], [], []
     for _ in range(runs):
         seconds.append(round(timed(command, env).seconds, 3))
         baseline.append(round(timed(numpy, env).seconds, 3))
+        floor.append(round(timed(libraries, env).seconds, 3))
     return {
         "command": "cnnmnist predict --model CKPT digit.png (CKPT: the last fast run's)",
         "bytecode": "compiled (one untimed run of each first)",
         "runs": seconds,
         "median": statistics.median(seconds),
         "python_importing_numpy": {"runs": baseline, "median": statistics.median(baseline)},
+        "python_importing_the_libraries": {
+            "what": "numpy, Click, Rich's console and table, Pillow opening the PNG, LiteRT",
+            "runs": floor,
+            "median": statistics.median(floor),
+        },
         "goal_seconds": 0.3,
     }
 

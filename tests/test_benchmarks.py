@@ -74,6 +74,7 @@ def test_wallclock_tiny_writes_a_well_formed_results_file(tmp_path, mnist_dir):
     predict = results["predict_one_image"]
     assert len(predict["runs"]) == 2 and predict["median"] > 0
     assert predict["python_importing_numpy"]["median"] > 0
+    assert len(predict["python_importing_the_libraries"]["runs"]) == 2
 
 
 def test_wallclock_predict_only_updates_that_entry_alone(tmp_path, trained, mnist_dir):
@@ -87,6 +88,7 @@ def test_wallclock_predict_only_updates_that_entry_alone(tmp_path, trained, mnis
     assert results["help_seconds"] == {"median": 0.1}  # the rest of the record is kept
     predict = results["predict_one_image"]
     assert len(predict["runs"]) == 9 and predict["median"] > 0
+    assert len(predict["python_importing_the_libraries"]["runs"]) == 9
     assert str(trained.checkpoint) in predict["command"]
 
 
