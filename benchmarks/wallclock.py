@@ -83,7 +83,7 @@ def predict_one_image(ckpt: Path, data_dir: Path | None, scratch: Path, runs: in
         "from ai_edge_litert.interpreter import Interpreter\n"
         f"Image.open({str(image)!r}).load()",
     ]
-    # Both with compiled bytecode, as an installed package has it (pip compiles it; Python
+    # All three with compiled bytecode, as an installed package has it (pip compiles it; Python
     # writes it on first import), even where PYTHONDONTWRITEBYTECODE is set: compiling the
     # package's sources on every run is not what a user pays. An untimed run writes it.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
