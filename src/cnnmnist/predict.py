@@ -26,6 +26,8 @@ MAX_NOISE_FLOOR = 0.35  # noise never removes more than the faintest third of th
 MIN_CONTRAST = 0.1  # less contrast than this between paper and darkest stroke: no ink
 BOX = 20  # MNIST digits fit a 20 x 20 box ...
 UPSCALE_CURVE = (0.3, 0.7)  # ink levels mapped to 0 and 1 when a small digit is enlarged
+MAX_STROKE = 4.5  # px in the 20-px box: wider than 98% of MNIST digits' strokes (measured)
+MAX_THINNING = 3  # pixels a stroke too wide loses at most, one at a time
 CENTRE = 14.0  # ... placed with their centre of mass at pixel (14, 14) of 28 x 28 (measured)
 LOW_CONFIDENCE = 0.5
 STDIN = "-"
@@ -262,6 +264,7 @@ def to_mnist(ink: np.ndarray) -> tuple[np.ndarray, list[str]]:
             # written large and have steep edges. A contrast curve restores them (measured on
             # 8x8 scans by other writers: benchmarks/robustness.py).
             crop = np.clip((crop - UPSCALE_CURVE[0]) / (UPSCALE_CURVE[1] - UPSCALE_CURVE[0]), 0, 1)
+    crop = _thin(crop)
     h, w = crop.shape
     canvas = np.zeros((28, 28), np.float64)
     y0, x0 = (28 - h) // 2, (28 - w) // 2
@@ -275,6 +278,29 @@ def to_mnist(ink: np.ndarray) -> tuple[np.ndarray, list[str]]:
     out = np.zeros((28, 28), np.float64)
     out[y0 + dy : y0 + dy + h, x0 + dx : x0 + dx + w] = crop
     return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8), warnings
+
+
+def stroke_width(ink: np.ndarray) -> float:
+    """The strokes' mean width in pixels: twice the ink's area over the length of its outline
+    (a stroke w wide and L long has area wL and an outline about 2L long). The outline is
+    the summed change between neighbouring pixels, so grey edges count in proportion; pi/4
+    turns the two axes' sums into a length whatever the edges' direction."""
+    edges = np.pad(ink, 1)
+    outline = np.abs(np.diff(edges, axis=0)).sum() + np.abs(np.diff(edges, axis=1)).sum()
+    return float(2 * ink.sum() / (outline * np.pi / 4)) if outline else 0.0
+
+
+def _thin(crop: np.ndarray) -> np.ndarray:
+    """A digit written with a broad pen or marker, or a scan of a few pixels enlarged, has
+    strokes wider than MNIST's: they lose a pixel at a time (the darkest of each 2 x 2).
+    The digit stays where it is in its box; fitting the thinner digit to the box again read
+    other writers' digits worse (benchmarks/robustness.py)."""
+    for _ in range(MAX_THINNING):
+        if stroke_width(crop) <= MAX_STROKE:
+            break
+        edges = np.pad(crop, ((0, 1), (0, 1)))
+        crop = np.minimum.reduce([edges[:-1, :-1], edges[1:, :-1], edges[:-1, 1:], edges[1:, 1:]])
+    return crop
 
 
 def prepare(source: str, blob: bytes | None = None) -> Prepared:
