@@ -351,7 +351,8 @@ def test_stroke_width_measures_a_ring(width):
 
 
 def _marker(digit: np.ndarray, pen: int) -> bytes:
-    """An MNIST digit drawn 4x larger with a pen `pen` pixels wider, dark on white paper."""
+    """An MNIST digit drawn 4x larger, its strokes widened by a `pen`-pixel maximum filter
+    (pen - 1 pixels wider), dark on white paper."""
     big = Image.fromarray(digit).resize((112, 112), Image.BILINEAR)
     blob = io.BytesIO()
     Image.fromarray(255 - np.pad(np.asarray(big.filter(ImageFilter.MaxFilter(pen))), 24)).save(

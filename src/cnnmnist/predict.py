@@ -26,7 +26,7 @@ MAX_NOISE_FLOOR = 0.35  # noise never removes more than the faintest third of th
 MIN_CONTRAST = 0.1  # less contrast than this between paper and darkest stroke: no ink
 BOX = 20  # MNIST digits fit a 20 x 20 box ...
 UPSCALE_CURVE = (0.3, 0.7)  # ink levels mapped to 0 and 1 when a small digit is enlarged
-MAX_STROKE = 4.5  # px in the 20-px box: wider than 98% of MNIST digits' strokes (measured)
+MAX_STROKE = 4.5  # px in the 20-px box: about 1% of MNIST's digits have wider strokes (measured)
 MAX_THINNING = 3  # pixels a stroke too wide loses at most, one at a time
 CENTRE = 14.0  # ... placed with their centre of mass at pixel (14, 14) of 28 x 28 (measured)
 LOW_CONFIDENCE = 0.5
@@ -292,7 +292,8 @@ def stroke_width(ink: np.ndarray) -> float:
 
 def _thin(crop: np.ndarray) -> np.ndarray:
     """A digit written with a broad pen or marker, or a scan of a few pixels enlarged, has
-    strokes wider than MNIST's: they lose a pixel at a time (the darkest of each 2 x 2).
+    strokes wider than MNIST's: they lose a pixel at a time (each pixel keeps the least ink
+    of its 2 x 2).
     The digit stays where it is in its box; fitting the thinner digit to the box again read
     other writers' digits worse (benchmarks/robustness.py)."""
     for _ in range(MAX_THINNING):
