@@ -320,6 +320,19 @@ def test_a_blurred_scan_cropped_tight_reads_as_with_a_margin(mnist, tall):
     assert np.mean(same) > 0.88
 
 
+def test_a_bold_scan_cropped_tight_keeps_its_polarity(mnist):
+    """A bold digit scanned small and cropped to its ink has strokes along half its border,
+    whose median then said nothing of which side is paper: 8 of these 60 digits were read
+    with paper and ink swapped (mean correlation 0.82)."""
+    same = []
+    for digit in mnist.test_images[:60]:
+        bold = np.asarray(Image.fromarray(digit).filter(ImageFilter.MaxFilter(3)))
+        tight = P.prepare("tight.png", _scan(bold, 8, 0)).pixels.astype(float)
+        margin = P.prepare("margin.png", _scan(bold, 8, 12)).pixels.astype(float)
+        same.append(np.corrcoef(tight.ravel(), margin.ravel())[0, 1] if tight.any() else 0.0)
+    assert sum(c < 0.5 for c in same) <= 2 and np.mean(same) > 0.88
+
+
 def test_an_enlarged_small_digit_gets_steep_edges_like_mnist(mnist):
     """A digit of 8x8 pixels enlarged to 20 would be a blur of ramps; MNIST's are not."""
 

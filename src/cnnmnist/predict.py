@@ -24,6 +24,7 @@ MIN_SIDE_FOR_LIGHTING = 32  # pixels: below this, the paper is taken as evenly l
 MIN_SPECKS = 3  # fewer isolated pixels on clean paper are the digit's own (MNIST has some)
 MAX_NOISE_FLOOR = 0.35  # noise never removes more than the faintest third of the strokes
 MIN_CONTRAST = 0.1  # less contrast than this between paper and darkest stroke: no ink
+HALF_INK_BORDER = 0.25  # a border median this near the middle of the image's range: half ink
 BOX = 20  # MNIST digits fit a 20 x 20 box ...
 UPSCALE_CURVE = (0.3, 0.7)  # ink levels mapped to 0 and 1 when a small digit is enlarged
 MAX_STROKE = 4.5  # px in the 20-px box: about 1% of MNIST's digits have wider strokes (measured)
@@ -166,7 +167,7 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
         dark_strokes = opaque.any() and grey[opaque].mean() < 0.5
         ink = (1 - grey if dark_strokes else grey) * alpha
     else:
-        ink = 1 - grey if _median(_border(grey)) > 0.5 else grey
+        ink = 1 - grey if _light_paper(grey) else grey
     paper, sigma = _paper(ink)
     ink = ink - paper
     contrast = ink.max(initial=0)
@@ -182,6 +183,19 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     if sigma == 0 and _specks(ink > INK_FLOOR) < MIN_SPECKS:
         return ink
     return _despeckle(np.where(ink > min(max(5 * sigma, INK_FLOOR), MAX_NOISE_FLOOR), ink, 0.0))
+
+
+def _light_paper(grey: np.ndarray) -> bool:
+    """Whether the paper is lighter than the ink. The border's median says, unless it lies
+    near the middle of the image's range: a bold digit cropped to its ink has strokes along
+    half its border, and then the four corners decide (strokes reach the sides of a digit's
+    box more often than its corners)."""
+    border = _median(_border(grey))
+    low, high = float(grey.min()), float(grey.max())
+    middle = (low + high) / 2
+    if abs(border - middle) >= HALF_INK_BORDER * (high - low):
+        return border > 0.5
+    return _median(grey[[0, 0, -1, -1], [0, -1, 0, -1]]) > middle
 
 
 def _paper(ink: np.ndarray) -> tuple[np.ndarray, float]:
