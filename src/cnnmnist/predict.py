@@ -307,9 +307,8 @@ def stroke_width(ink: np.ndarray) -> float:
 def _thin(crop: np.ndarray) -> np.ndarray:
     """A digit written with a broad pen or marker, or a scan of a few pixels enlarged, has
     strokes wider than MNIST's: they lose a pixel at a time (each pixel keeps the least ink
-    of its 2 x 2).
-    The digit stays where it is in its box; fitting the thinner digit to the box again read
-    other writers' digits worse (benchmarks/robustness.py)."""
+    of its 2 x 2). The thinner digit stays where it is in its box: fitting it to the box
+    again was no better on other writers' digits (docs/robustness.md)."""
     for _ in range(MAX_THINNING):
         if stroke_width(crop) <= MAX_STROKE:
             break
