@@ -10,6 +10,8 @@ Parts of the development set (each a folder laid out for `cnnmnist evaluate --im
   low_resolution printed and canvas digits rendered 8 to 12 pixels tall, scaled back up
   photos         canvas and printed digits on coloured, unevenly lit, noisy paper in dark ink,
                  saved as JPEG, stored sideways with an EXIF Orientation tag as phones do
+  notebook       canvas and printed digits photographed on ruled or squared notebook paper:
+                 light or dark lines, the page turned up to 2 degrees, saved as JPEG
   other_writers  scikit-learn's handwritten digits (UCI optdigits: 1,797 8x8 scans of 43
                  writers other than MNIST's), installed offline with the package
 
@@ -36,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 HERE = Path(__file__).resolve().parent
 SEED = 16
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.fonts", "/Library/Fonts")
-PARTS = ("printed", "canvas", "low_resolution", "photos", "other_writers")
+PARTS = ("printed", "canvas", "low_resolution", "photos", "notebook", "other_writers")
 
 # Digits as a hand draws them on a canvas: strokes of (x, y) points in a unit square, y down.
 # Two forms for the digits people write two ways.
@@ -211,12 +213,15 @@ def _canvas(digit: int, form: int, pen: int, rng, size: int = 280) -> Image.Imag
     return image
 
 
-def _paper(ink: Image.Image, rng, size: int = 400) -> Image.Image:
-    """The digit (dark on white) as a phone photo of it on coloured, unevenly lit paper."""
+def _paper(ink: Image.Image, rng, size: int = 400, ruled: bool = False) -> Image.Image:
+    """The digit (dark on white) as a phone photo of it on coloured, unevenly lit paper; ruled:
+    on a notebook's page."""
     paper = np.array(rng.uniform(175, 245, 3))
     ys, xs = np.mgrid[:size, :size] / size
     light = 0.75 + 0.25 * (rng.uniform(0, 1) * xs + rng.uniform(0, 1) * ys) / 2 * 2
-    colour = paper[None, None, :] * np.clip(light, 0, 1)[..., None]
+    if ruled:
+        paper = _ruled(paper, rng, size)
+    colour = paper * np.clip(light, 0, 1)[..., None]
     digit = ink.resize((int(size * rng.uniform(0.45, 0.8)),) * 2, Image.BILINEAR)
     mask = np.zeros((size, size))
     ox, oy = rng.integers(0, size - digit.width, size=2)
@@ -225,6 +230,26 @@ def _paper(ink: Image.Image, rng, size: int = 400) -> Image.Image:
     rgb = colour * (1 - mask[..., None]) + pen[None, None, :] * mask[..., None]
     rgb += rng.normal(0, 6, rgb.shape)
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+def _ruled(paper: np.ndarray, rng, size: int) -> np.ndarray:
+    """A notebook page of the paper's colour: ruled lines, or squares, light blue or grey (one
+    page in four: darker), 1 to 3 pixels wide, 9 to 15% of the page apart, turned by up to 2
+    degrees as a photo of it is."""
+    page = Image.new("RGB", (size, size), tuple(int(v) for v in paper))
+    draw = ImageDraw.Draw(page)
+    if rng.uniform() < 0.25:
+        colour = (int(rng.integers(90, 140)),) * 3
+    else:
+        colour = tuple(int(v) for v in rng.uniform([130, 160, 200], [190, 210, 250]))
+    width, gap = int(rng.integers(1, 4)), size * rng.uniform(0.09, 0.15)
+    tilt = np.tan(np.radians(rng.uniform(-2, 2))) * size
+    squared = rng.uniform() < 0.5
+    for at in np.arange(rng.uniform(0, gap), size, gap):
+        draw.line([(0, at), (size, at + tilt)], fill=colour, width=width)
+        if squared:
+            draw.line([(at, 0), (at - tilt, size)], fill=colour, width=width)
+    return np.asarray(page, dtype=np.float64)
 
 
 # exif_transpose applies these to view an image stored with each Orientation value; a phone
@@ -311,6 +336,17 @@ def render(root: Path) -> dict[str, int]:
     for image, label in zip(writers.images, writers.target, strict=True):
         pixels = np.round(image / 16 * 255).astype(np.uint8)  # white ink on black, 8x8
         save("other_writers", int(label), Image.fromarray(pixels))
+    # Last, so that the parts above are drawn from the same random numbers as before it.
+    for digit in range(10):
+        for k in range(40):
+            if k % 2:
+                ink = _printed(faces[(3 * k) % len(faces)], digit, 60, rng.uniform(-8, 8))
+            else:
+                ink = _canvas(digit, k % 4 // 2, int(rng.choice([6, 12, 20])), rng)
+            page = _paper(ink, rng, ruled=True)
+            blob = io.BytesIO()
+            page.save(blob, format="JPEG", quality=int(rng.integers(70, 93)))
+            save("notebook", digit, blob.getvalue(), "jpg")
     return counts
 
 
@@ -326,7 +362,7 @@ def _cnnmnist(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def measure(ckpt: Path, devset: Path) -> dict:
+def measure(ckpt: Path, devset: Path, parts=PARTS, corruptions: bool = True) -> dict:
     meta = json.loads((ckpt / "cnnmnist.json").read_text())
     row = {
         "checkpoint": str(ckpt),
@@ -335,7 +371,7 @@ def measure(ckpt: Path, devset: Path) -> dict:
         "mnist_test_accuracy": (meta.get("test") or {}).get("accuracy"),
         "parts": {},
     }
-    for part in PARTS:
+    for part in parts:
         report = _cnnmnist("evaluate", str(ckpt), "--images", str(devset / part))
         worst = min(report["per_class"], key=lambda c: c["recall"])
         row["parts"][part] = {
@@ -347,6 +383,8 @@ def measure(ckpt: Path, devset: Path) -> dict:
             # What a user gets: an image read as no digit at all counts as a mistake.
             "accuracy_of_all": report["correct"] / (report["n"] + len(report["unreadable"])),
         }
+    if not corruptions:
+        return row
     suite = _cnnmnist("evaluate", str(ckpt), "--corruptions")
     row["corruptions"] = {
         "clean_accuracy": suite["clean_accuracy"],
@@ -378,22 +416,42 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--devset", type=Path, default=Path("devset"))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "robustness.json")
+    parser.add_argument(
+        "--parts",
+        type=lambda text: tuple(text.split(",")),
+        default=PARTS,
+        help="measure only these parts (comma-separated) and update the checkpoints' rows "
+        "already in --out; the corruption suite is not re-run",
+    )
     args = parser.parse_args()
+    if unknown := set(args.parts) - set(PARTS):
+        parser.error(f"no part {', '.join(sorted(unknown))}; the parts are {', '.join(PARTS)}")
     started = time.perf_counter()
     counts = render(args.devset)
     print(
         f"rendered {counts} into {args.devset} in {time.perf_counter() - started:.0f} s",
         file=sys.stderr,
     )
+    every = set(args.parts) == set(PARTS)
     rows = []
     for ckpt in args.checkpoints:
-        rows.append(measure(ckpt, args.devset))
+        rows.append(measure(ckpt, args.devset, args.parts, corruptions=every))
         print(f"measured {ckpt}", file=sys.stderr)
-    record = {
-        "command": "python benchmarks/robustness.py " + " ".join(map(str, args.checkpoints)),
-        "devset": {"seed": SEED, "images": counts, "fonts": len(fonts())},
-        "checkpoints": rows,
-    }
+    command = " ".join(["python benchmarks/robustness.py", *sys.argv[1:]])
+    devset = {"seed": SEED, "images": counts, "fonts": len(fonts())}
+    if every:
+        record = {"command": command, "devset": devset, "checkpoints": rows}
+    else:
+        record = json.loads(args.out.read_text())
+        earlier = {row["checkpoint"]: row for row in record["checkpoints"]}
+        if missing := [r["checkpoint"] for r in rows if r["checkpoint"] not in earlier]:
+            raise SystemExit(f"{args.out} has no row for {', '.join(missing)}: measure every part")
+        for row in rows:
+            earlier[row["checkpoint"]]["parts"].update(row["parts"])
+        commands = record["command"]
+        record["command"] = [*(commands if isinstance(commands, list) else [commands]), command]
+        record["devset"] = devset
+        rows = record["checkpoints"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(table(rows))

@@ -404,3 +404,68 @@ def test_salt_and_pepper_on_clean_paper_is_removed_before_cropping(mnist):
     digit[1, 1] = digit[26, 3] = 200
     assert P._specks(digit > 5) == 2
     assert np.array_equal(P.ink_map(digit / 255.0), digit / 255.0)
+
+
+def _notebook(digit: np.ndarray, lines: str, tilt: float, grey: int, size: int = 300) -> bytes:
+    """An MNIST digit in dark ink on a notebook's page: `lines` "ruled", "squared" or "" (plain
+    paper), 2 px wide in `grey`, 40 px apart, the page turned by `tilt` degrees."""
+    page = Image.new("L", (size, size), 235)
+    draw, rise = ImageDraw.Draw(page), np.tan(np.radians(tilt)) * size
+    for at in range(13, size, 40) if lines else []:
+        draw.line([(0, at), (size, at + rise)], fill=grey, width=2)
+        if lines == "squared":
+            draw.line([(at, 0), (at - rise, size)], fill=grey, width=2)
+    ink = np.zeros((size, size))
+    ink[66:234, 66:234] = np.asarray(Image.fromarray(digit).resize((168, 168), Image.BILINEAR))
+    mixed = np.asarray(page) * (1 - ink / 255) + 30 * ink / 255
+    blob = io.BytesIO()
+    Image.fromarray(mixed.astype(np.uint8)).save(blob, format="PNG")
+    return blob.getvalue()
+
+
+@pytest.mark.parametrize("lines", ["ruled", "squared"])
+@pytest.mark.parametrize("tilt", [0, 2])
+@pytest.mark.parametrize("grey", [170, 110])
+def test_a_notebooks_lines_are_not_taken_for_the_digit(mnist, monkeypatch, lines, tilt, grey):
+    """Ruled or squared paper: lines across the page stretched the digit's box to all of it."""
+    digits = mnist.test_images[:12]
+    plain = [P.prepare("p.png", _notebook(d, "", 0, grey)).pixels.astype(float) for d in digits]
+
+    def agreement():
+        got = [P.prepare("n.png", _notebook(d, lines, tilt, grey)).pixels for d in digits]
+        same = zip(plain, got, strict=True)
+        return np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in same])
+
+    assert agreement() > 0.9
+    monkeypatch.setattr(P, "without_rules", lambda ink, level: ink)
+    assert agreement() < 0.6
+
+
+def _thin_digit(strokes, margin: float, size: int = 400) -> np.ndarray:
+    """Strokes ((x, y) points in a unit square) drawn 3 px wide, cropped to the ink plus
+    `margin` of the digit's size: grey, dark on white."""
+    image = Image.new("L", (size, size), 255)
+    for stroke in strokes:
+        ImageDraw.Draw(image).line([(x * size, y * size) for x, y in stroke], fill=0, width=3)
+    box = Image.eval(image, lambda v: 255 - v).getbbox()
+    pad = round(margin * size)
+    crop = np.asarray(image.crop(box))
+    return np.pad(crop, pad, constant_values=255) / 255.0
+
+
+@pytest.mark.parametrize("margin", [0, 0.01, 0.03])
+@pytest.mark.parametrize(
+    "strokes",
+    [
+        [[(0.1, 0.1), (0.9, 0.1), (0.4, 0.95)]],  # 7: its bar
+        [[(0.6, 0.05), (0.1, 0.65), (0.95, 0.65)], [(0.75, 0.3), (0.75, 0.98)]],  # 4: its bar
+        [[(0.3, 0.2), (0.5, 0.02), (0.5, 0.98)]],  # 1: its stem
+        [[(0.2, 0.2), (0.8, 0.2), (0.8, 0.5), (0.1, 0.95), (0.9, 0.95)]],  # 2: its base
+    ],
+)
+def test_a_thin_digits_own_bars_are_not_ruled_lines(strokes, margin):
+    """Cropped close, a thin pen's bar or stem crosses most of the image, as a ruled line
+    does; it must stay."""
+    grey = _thin_digit(strokes, margin)
+    ink = 1 - grey
+    assert np.array_equal(P.without_rules(ink, P.INK_FLOOR), ink)

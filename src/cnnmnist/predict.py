@@ -24,6 +24,12 @@ MIN_SIDE_FOR_LIGHTING = 32  # pixels: below this, the paper is taken as evenly l
 MIN_SPECKS = 3  # fewer isolated pixels on clean paper are the digit's own (MNIST has some)
 MAX_NOISE_FLOOR = 0.35  # noise never removes more than the faintest third of the strokes
 MIN_CONTRAST = 0.1  # less contrast than this between paper and darkest stroke: no ink
+MIN_SIDE_FOR_RULES = 64  # pixels: in a smaller image a blurred digit's halo can look like a line
+MAX_RULE_SLOPE = 0.05  # ruled lines turned by up to 3 degrees (a photo taken askew)
+RULE_COVER = 0.9  # a ruled line has ink across this share of the image ...
+RULE_MARGIN = 0.05  # ... and at both ends; it passes the rest of the ink by this share on each side
+RULE_FRINGE = 0.3  # a row beside a line with this share of ink is its blurred edge
+MAX_RULE_LEVEL = 0.15  # lines are traced at this ink level at most, however noisy the paper
 HALF_INK_BORDER = 0.25  # a border median this near the middle of the image's range: half ink
 BOX = 20  # MNIST digits fit a 20 x 20 box ...
 UPSCALE_CURVE = (0.3, 0.7)  # ink levels mapped to 0 and 1 when a small digit is enlarged
@@ -180,9 +186,110 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     # (salt noise, dust: too sparse to move the border's median). The cap keeps strokes when
     # the border itself is mostly ink (a digit cropped tight).
     sigma /= contrast
+    ink = without_rules(ink, max(INK_FLOOR, min(3 * sigma, MAX_RULE_LEVEL)))
     if sigma == 0 and _specks(ink > INK_FLOOR) < MIN_SPECKS:
         return ink
     return _despeckle(np.where(ink > min(max(5 * sigma, INK_FLOOR), MAX_NOISE_FLOOR), ink, 0.0))
+
+
+def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray]]:
+    """Ruled lines along the rows, as (top, bottom, shift): row r + shift[x] of column x for r
+    from top to bottom. A line has ink above `level` across the image (within MAX_RULE_SLOPE
+    of horizontal), runs off it at both ends, and is at most a fortieth of the image thick. A
+    line turned off the top or bottom edge counts over the part inside (at least half the
+    width); one along that edge does not (there a digit cropped tight has its bars)."""
+    height, width = ink.shape
+    if min(height, width) < MIN_SIDE_FOR_RULES:
+        return []
+    mask = ink > level
+    sample = np.arange(0, width, max(1, width // 64))  # enough columns to see a line
+    if mask[:, sample].any(axis=0).mean() < RULE_COVER:
+        return []  # most images: no row can have ink in enough of these columns
+    # A row counts the ink of its neighbours too: a line a pixel thin, turned by a slope
+    # between two of those tried (1 / width apart), still fills one row.
+    mask[1:] |= mask[:-1].copy()
+    mask[:-1] |= mask[1:].copy()
+
+    def shift(slope, cols):
+        return np.round(slope * (cols - width / 2)).astype(int)
+
+    pad = int(MAX_RULE_SLOPE * width / 2) + 1  # rows of lines that leave the image turned
+
+    def cover(slope):
+        rows = np.arange(-pad, height + pad)[:, None] + shift(slope, sample)
+        valid = (rows >= 0) & (rows < height)
+        on = valid & mask[np.clip(rows, 0, height - 1), sample]
+        return valid, on, on.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+
+    slopes = np.linspace(-MAX_RULE_SLOPE, MAX_RULE_SLOPE, 2 * round(MAX_RULE_SLOPE * width) + 1)
+    # The slope that lines the ink up best: the sharpest profile of rows.
+    slope = max(slopes, key=lambda s: (np.square(cover(s)[2]).sum(), -abs(s)))
+    valid, on, share = cover(slope)
+    hits = np.flatnonzero(share >= RULE_COVER)
+    end = max(1, round(RULE_MARGIN * sample.size))
+    lines = []
+    for band in np.split(hits, np.flatnonzero(np.diff(hits) > 1) + 1) if hits.size else []:
+        top, bottom = int(band[0]), int(band[-1])
+        inside = valid[top : bottom + 1].any(axis=0)
+        along_edge = top <= pad or bottom >= height + pad - 1
+        if inside.mean() < 0.5 or (along_edge and inside.all()):
+            continue
+        if bottom - top - 1 > max(2, height // 40):
+            continue
+        reaches = on[top : bottom + 1].any(axis=0)[inside]
+        if reaches[:end].mean() < 0.5 or reaches[-end:].mean() < 0.5:
+            continue
+        # The band has a row on each side of the line; one more where the next row is mostly
+        # ink: the line's blurred edge.
+        top -= int(top > 0 and share[top - 1] >= RULE_FRINGE)
+        bottom += int(bottom < share.size - 1 and share[bottom + 1] >= RULE_FRINGE)
+        lines.append((top - pad, bottom - pad, shift(slope, np.arange(width))))
+    return lines
+
+
+def _along(line: tuple[int, int, np.ndarray], offsets, shape: tuple[int, int]):
+    """(rows, cols) inside the image of the rows `offsets` from a ruled line's top, following
+    its slope; and for each, whether it is inside."""
+    top, _, shift = line
+    ys = top + np.asarray(offsets)[:, None] + shift[None, :]
+    xs = np.broadcast_to(np.arange(shape[1]), ys.shape)
+    return ys, xs, (ys >= 0) & (ys < shape[0])
+
+
+def without_rules(ink: np.ndarray, level: float) -> np.ndarray:
+    """Ink without the lines of ruled or squared paper, which would stretch the digit's box to
+    the whole page. A line must pass what is left of the ink on both sides (a digit's own bar
+    ends with the digit). Where a stroke crosses a line, the stroke's pixels stay."""
+    found = [(False, line) for line in _rules(ink, level)]
+    found += [(True, line) for line in _rules(ink.T, level)]
+    if not found:
+        return ink
+    lines = np.zeros(ink.shape, bool)
+    for turned, (top, bottom, shift) in found:
+        view = lines.T if turned else lines
+        ys, xs, inside = _along((top, bottom, shift), range(bottom - top + 1), view.shape)
+        view[ys[inside], xs[inside]] = True
+    digit = (ink > level) & ~lines
+    strokes = (ink > 0.5) & digit  # the digit's box, clear of paper grain
+    if not strokes.any():
+        return ink
+    out = ink.copy()
+    for turned, (top, bottom, shift) in found:
+        # A line along the rows must pass the digit's columns; one down the columns, its rows.
+        spans = np.flatnonzero(strokes.any(axis=1 if turned else 0))
+        size = ink.shape[0 if turned else 1]
+        if spans[0] < RULE_MARGIN * size or spans[-1] >= (1 - RULE_MARGIN) * size:
+            continue
+        view, own = (out.T, digit.T) if turned else (out, digit)
+        thick = bottom - top + 1
+        crossed = np.ones(view.shape[1], bool)  # columns where the digit's ink is on both sides
+        for side in ((-2, -1), (thick, thick + 1)):
+            ys, xs, inside = _along((top, bottom, shift), side, view.shape)
+            crossed &= (inside & own[np.clip(ys, 0, view.shape[0] - 1), xs]).any(axis=0)
+        ys, xs, inside = _along((top, bottom, shift), range(thick), view.shape)
+        wipe = inside & ~crossed[None, :]
+        view[ys[wipe], xs[wipe]] = 0.0
+    return out
 
 
 def _light_paper(grey: np.ndarray) -> bool:
@@ -279,6 +386,8 @@ def to_mnist(ink: np.ndarray) -> tuple[np.ndarray, list[str]]:
             # 8x8 scans by other writers: benchmarks/robustness.py).
             crop = np.clip((crop - UPSCALE_CURVE[0]) / (UPSCALE_CURVE[1] - UPSCALE_CURVE[0]), 0, 1)
     crop = _thin(crop)
+    if not crop.any():  # faint specks the contrast curve took for the ink's blurred edge
+        return np.zeros((28, 28), np.uint8), [*warnings, "no ink found: the image looks blank"]
     h, w = crop.shape
     canvas = np.zeros((28, 28), np.float64)
     y0, x0 = (28 - h) // 2, (28 - w) // 2
