@@ -441,18 +441,20 @@ def test_a_notebooks_lines_are_not_taken_for_the_digit(mnist, monkeypatch, lines
     assert agreement() < 0.6
 
 
-def _thin_digit(strokes, margin: float, size: int = 400) -> np.ndarray:
-    """Strokes ((x, y) points in a unit square) drawn 3 px wide, cropped to the ink plus
-    `margin` of the digit's size: grey, dark on white."""
+def _thin_digit(strokes, margin: float, pen: int = 3, turn: float = 0, size: int = 400):
+    """Strokes ((x, y) points in a unit square) drawn `pen` px wide, turned by `turn` degrees,
+    cropped to the ink plus `margin` of the digit's size: grey, dark on white."""
     image = Image.new("L", (size, size), 255)
     for stroke in strokes:
-        ImageDraw.Draw(image).line([(x * size, y * size) for x, y in stroke], fill=0, width=3)
+        ImageDraw.Draw(image).line([(x * size, y * size) for x, y in stroke], fill=0, width=pen)
+    image = image.rotate(turn, resample=Image.BILINEAR, fillcolor=255)
     box = Image.eval(image, lambda v: 255 - v).getbbox()
     pad = round(margin * size)
     crop = np.asarray(image.crop(box))
     return np.pad(crop, pad, constant_values=255) / 255.0
 
 
+@pytest.mark.parametrize("turn", [-3, 0, 3])
 @pytest.mark.parametrize("margin", [0, 0.01, 0.03])
 @pytest.mark.parametrize(
     "strokes",
@@ -460,12 +462,12 @@ def _thin_digit(strokes, margin: float, size: int = 400) -> np.ndarray:
         [[(0.1, 0.1), (0.9, 0.1), (0.4, 0.95)]],  # 7: its bar
         [[(0.6, 0.05), (0.1, 0.65), (0.95, 0.65)], [(0.75, 0.3), (0.75, 0.98)]],  # 4: its bar
         [[(0.3, 0.2), (0.5, 0.02), (0.5, 0.98)]],  # 1: its stem
+        [[(0.42, 0.12), (0.5, 0.02), (0.5, 0.95)], [(0.15, 0.95), (0.85, 0.95)]],  # 1: its foot
         [[(0.2, 0.2), (0.8, 0.2), (0.8, 0.5), (0.1, 0.95), (0.9, 0.95)]],  # 2: its base
     ],
 )
-def test_a_thin_digits_own_bars_are_not_ruled_lines(strokes, margin):
-    """Cropped close, a thin pen's bar or stem crosses most of the image, as a ruled line
-    does; it must stay."""
-    grey = _thin_digit(strokes, margin)
-    ink = 1 - grey
+def test_a_thin_digits_own_bars_are_not_ruled_lines(strokes, margin, turn):
+    """Cropped close, a thin pen's bar, stem or foot crosses most of the image, as a ruled
+    line does, and may lie along its edge; it must stay."""
+    ink = 1 - _thin_digit(strokes, margin, turn=turn)
     assert np.array_equal(P.without_rules(ink, P.INK_FLOOR), ink)

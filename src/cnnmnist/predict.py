@@ -29,6 +29,7 @@ MAX_RULE_SLOPE = 0.05  # ruled lines turned by up to 3 degrees (a photo taken as
 RULE_COVER = 0.9  # a ruled line has ink across this share of the image ...
 RULE_MARGIN = 0.05  # ... and at both ends; it passes the rest of the ink by this share on each side
 RULE_FRINGE = 0.3  # a row beside a line with this share of ink is its blurred edge
+RULE_TRIM = 0.005  # the share of the digit's pixels at each end of its extent taken as strays
 MAX_RULE_LEVEL = 0.15  # lines are traced at this ink level at most, however noisy the paper
 HALF_INK_BORDER = 0.25  # a border median this near the middle of the image's range: half ink
 BOX = 20  # MNIST digits fit a 20 x 20 box ...
@@ -192,49 +193,59 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     return _despeckle(np.where(ink > min(max(5 * sigma, INK_FLOOR), MAX_NOISE_FLOOR), ink, 0.0))
 
 
-def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray]]:
-    """Ruled lines along the rows, as (top, bottom, shift): row r + shift[x] of column x for r
-    from top to bottom. A line has ink above `level` across the image (within MAX_RULE_SLOPE
-    of horizontal), runs off it at both ends, and is at most a fortieth of the image thick. A
-    line turned off the top or bottom edge counts over the part inside (at least half the
-    width); one along that edge does not (there a digit cropped tight has its bars)."""
+def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray, int]]:
+    """Ruled lines along the rows, as (top, bottom, shift, edge): row r + shift[x] of column x
+    for r from top to bottom; edge -1 or 1 when the line comes within RULE_MARGIN of the top
+    or bottom edge, else 0. A line has ink above `level` across the image, within
+    MAX_RULE_SLOPE of horizontal (one turned off the top or bottom edge: across the part
+    inside, at least half the width), runs off it at both ends, and is at most a fortieth of
+    the image thick."""
     height, width = ink.shape
     if min(height, width) < MIN_SIDE_FOR_RULES:
         return []
-    mask = ink > level
     sample = np.arange(0, width, max(1, width // 64))  # enough columns to see a line
-    if mask[:, sample].any(axis=0).mean() < RULE_COVER:
+    columns = ink[:, sample] > level
+    if columns.any(axis=0).mean() < RULE_COVER:
         return []  # most images: no row can have ink in enough of these columns
-    # A row counts the ink of its neighbours too: a line a pixel thin, turned by a slope
-    # between two of those tried (1 / width apart), still fills one row.
-    mask[1:] |= mask[:-1].copy()
-    mask[:-1] |= mask[1:].copy()
+
+    def pooled(reach):  # each row counts the ink of `reach` rows on either side too
+        out = columns.copy()
+        for step in range(1, reach + 1):
+            out[step:] |= columns[:-step]
+            out[:-step] |= columns[step:]
+        return out
 
     def shift(slope, cols):
         return np.round(slope * (cols - width / 2)).astype(int)
 
     pad = int(MAX_RULE_SLOPE * width / 2) + 1  # rows of lines that leave the image turned
 
-    def cover(slope):
+    def cover(slope, ink_in):
         rows = np.arange(-pad, height + pad)[:, None] + shift(slope, sample)
         valid = (rows >= 0) & (rows < height)
-        on = valid & mask[np.clip(rows, 0, height - 1), sample]
+        on = valid & ink_in[np.clip(rows, 0, height - 1), np.arange(sample.size)]
         return valid, on, on.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
 
-    slopes = np.linspace(-MAX_RULE_SLOPE, MAX_RULE_SLOPE, 2 * round(MAX_RULE_SLOPE * width) + 1)
-    # The slope that lines the ink up best: the sharpest profile of rows.
-    slope = max(slopes, key=lambda s: (np.square(cover(s)[2]).sum(), -abs(s)))
-    valid, on, share = cover(slope)
+    def best(slopes, ink_in):  # the slope that lines the ink up best: the sharpest profile
+        slopes = np.clip(slopes, -MAX_RULE_SLOPE, MAX_RULE_SLOPE)
+        return max(slopes, key=lambda s: (np.square(cover(s, ink_in)[2]).sum(), -abs(s)))
+
+    # Coarse to fine: slopes 8 / width apart, with rows counting 3 neighbours each side (a
+    # slope that far off moves a line's ends by 2 rows), then 1 / width apart around the best,
+    # with 1 neighbour (a line a pixel thin, between two slopes, still fills one row).
+    unit = 1 / width
+    slope = best(np.arange(-MAX_RULE_SLOPE, MAX_RULE_SLOPE + unit, 8 * unit), pooled(3))
+    mask = pooled(1)
+    slope = best(slope + unit * np.arange(-4, 5), mask)
+    valid, on, share = cover(slope, mask)
     hits = np.flatnonzero(share >= RULE_COVER)
     end = max(1, round(RULE_MARGIN * sample.size))
     lines = []
-    for band in np.split(hits, np.flatnonzero(np.diff(hits) > 1) + 1) if hits.size else []:
+    # Rows a few apart are one band: a digit's thick bar, turned, is not two thin lines.
+    for band in np.split(hits, np.flatnonzero(np.diff(hits) > 3) + 1) if hits.size else []:
         top, bottom = int(band[0]), int(band[-1])
         inside = valid[top : bottom + 1].any(axis=0)
-        along_edge = top <= pad or bottom >= height + pad - 1
-        if inside.mean() < 0.5 or (along_edge and inside.all()):
-            continue
-        if bottom - top - 1 > max(2, height // 40):
+        if inside.mean() < 0.5 or bottom - top - 1 > max(2, height // 40):
             continue
         reaches = on[top : bottom + 1].any(axis=0)[inside]
         if reaches[:end].mean() < 0.5 or reaches[-end:].mean() < 0.5:
@@ -243,14 +254,17 @@ def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray]]:
         # ink: the line's blurred edge.
         top -= int(top > 0 and share[top - 1] >= RULE_FRINGE)
         bottom += int(bottom < share.size - 1 and share[bottom + 1] >= RULE_FRINGE)
-        lines.append((top - pad, bottom - pad, shift(slope, np.arange(width))))
+        offsets = shift(slope, np.arange(width))
+        top, bottom = top - pad, bottom - pad
+        near = RULE_MARGIN * height
+        edge = -1 if top + offsets.min() <= near else int(bottom + offsets.max() >= height - near)
+        lines.append((top, bottom, offsets, edge))
     return lines
 
 
-def _along(line: tuple[int, int, np.ndarray], offsets, shape: tuple[int, int]):
-    """(rows, cols) inside the image of the rows `offsets` from a ruled line's top, following
-    its slope; and for each, whether it is inside."""
-    top, _, shift = line
+def _along(top: int, shift: np.ndarray, offsets, shape: tuple[int, int]):
+    """(rows, cols) of the rows `offsets` from a ruled line's top, following its slope; and
+    for each, whether it is inside the image."""
     ys = top + np.asarray(offsets)[:, None] + shift[None, :]
     xs = np.broadcast_to(np.arange(shape[1]), ys.shape)
     return ys, xs, (ys >= 0) & (ys < shape[0])
@@ -258,38 +272,62 @@ def _along(line: tuple[int, int, np.ndarray], offsets, shape: tuple[int, int]):
 
 def without_rules(ink: np.ndarray, level: float) -> np.ndarray:
     """Ink without the lines of ruled or squared paper, which would stretch the digit's box to
-    the whole page. A line must pass what is left of the ink on both sides (a digit's own bar
-    ends with the digit). Where a stroke crosses a line, the stroke's pixels stay."""
+    the whole page. A line must pass the rest of the ink on both sides, and one near an edge
+    of the image must keep clear of it: a digit's own bar ends with the digit, and a digit
+    cropped tight has its bars and feet at the edges. A line that fails is the digit's, and
+    the others are judged again against the digit with it. Where a stroke crosses a line,
+    its pixels stay."""
     found = [(False, line) for line in _rules(ink, level)]
     found += [(True, line) for line in _rules(ink.T, level)]
+    while found:
+        lines = np.zeros(ink.shape, bool)
+        for turned, (top, bottom, shift, _) in found:
+            view = lines.T if turned else lines
+            ys, xs, inside = _along(top, shift, range(bottom - top + 1), view.shape)
+            view[ys[inside], xs[inside]] = True
+        digit = (ink > level) & ~lines
+        strokes = np.nonzero((ink > 0.5) & digit)  # clear of paper grain
+        if not strokes[0].size:
+            return ink
+        # The digit's extent on each axis, as a share of the image, without the few stray
+        # pixels (JPEG noise, a line's leftover) that would stretch it to the edges.
+        trim = int(RULE_TRIM * strokes[0].size)
+        extent = [
+            np.sort(at)[[trim, -1 - trim]] / n for at, n in zip(strokes, ink.shape, strict=True)
+        ]
+        kept = [(turned, line) for turned, line in found if _clear(line, extent, turned, ink.shape)]
+        if len(kept) == len(found):
+            break
+        found = kept
     if not found:
         return ink
-    lines = np.zeros(ink.shape, bool)
-    for turned, (top, bottom, shift) in found:
-        view = lines.T if turned else lines
-        ys, xs, inside = _along((top, bottom, shift), range(bottom - top + 1), view.shape)
-        view[ys[inside], xs[inside]] = True
-    digit = (ink > level) & ~lines
-    strokes = (ink > 0.5) & digit  # the digit's box, clear of paper grain
-    if not strokes.any():
-        return ink
     out = ink.copy()
-    for turned, (top, bottom, shift) in found:
-        # A line along the rows must pass the digit's columns; one down the columns, its rows.
-        spans = np.flatnonzero(strokes.any(axis=1 if turned else 0))
-        size = ink.shape[0 if turned else 1]
-        if spans[0] < RULE_MARGIN * size or spans[-1] >= (1 - RULE_MARGIN) * size:
-            continue
+    for turned, (top, bottom, shift, _) in found:
         view, own = (out.T, digit.T) if turned else (out, digit)
         thick = bottom - top + 1
         crossed = np.ones(view.shape[1], bool)  # columns where the digit's ink is on both sides
         for side in ((-2, -1), (thick, thick + 1)):
-            ys, xs, inside = _along((top, bottom, shift), side, view.shape)
+            ys, xs, inside = _along(top, shift, side, view.shape)
             crossed &= (inside & own[np.clip(ys, 0, view.shape[0] - 1), xs]).any(axis=0)
-        ys, xs, inside = _along((top, bottom, shift), range(thick), view.shape)
+        ys, xs, inside = _along(top, shift, range(thick), view.shape)
         wipe = inside & ~crossed[None, :]
         view[ys[wipe], xs[wipe]] = 0.0
     return out
+
+
+def _clear(line, extent, turned: bool, shape) -> bool:
+    """Whether a ruled line passes the digit (its extent on each axis, as shares of the
+    image) on both sides and, near an edge, keeps clear of it."""
+    top, bottom, shift, edge = line
+    (low, high), (first, last) = extent[::-1] if turned else extent
+    if first < RULE_MARGIN or last >= 1 - RULE_MARGIN:
+        return False
+    size = shape[1 if turned else 0]
+    if edge < 0:
+        return low >= (bottom + shift.max()) / size + RULE_MARGIN
+    if edge > 0:
+        return high <= (top + shift.min()) / size - RULE_MARGIN
+    return True
 
 
 def _light_paper(grey: np.ndarray) -> bool:
