@@ -449,7 +449,8 @@ def main() -> None:
         for row in rows:
             earlier[row["checkpoint"]]["parts"].update(row["parts"])
         commands = record["command"]
-        record["command"] = [*(commands if isinstance(commands, list) else [commands]), command]
+        commands = commands if isinstance(commands, list) else [commands]
+        record["command"] = commands if command in commands else [*commands, command]
         record["devset"] = devset
         rows = record["checkpoints"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
