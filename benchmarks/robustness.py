@@ -1,7 +1,7 @@
 """How well checkpoints read digits that are not MNIST's: a development set of user-like digits,
 rendered here from offline sources, and the corruption suite on the MNIST test set.
 
-    python benchmarks/robustness.py CKPT [CKPT ...] [--devset DIR] [--out FILE]
+    python benchmarks/robustness.py CKPT [CKPT ...] [--devset DIR] [--out FILE] [--parts P,...]
 
 Parts of the development set (each a folder laid out for `cnnmnist evaluate --images`):
   printed        digits 0-9 in every TrueType font the machine has, three sizes, slightly turned

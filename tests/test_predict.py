@@ -442,8 +442,9 @@ def test_a_notebooks_lines_are_not_taken_for_the_digit(mnist, monkeypatch, lines
 
 
 def _thin_digit(strokes, margin: float, pen: int = 3, turn: float = 0, size: int = 400):
-    """Strokes ((x, y) points in a unit square) drawn `pen` px wide, turned by `turn` degrees,
-    cropped to the ink plus `margin` of the digit's size: grey, dark on white."""
+    """Strokes ((x, y) points in a unit square) drawn `pen` px wide on a `size`-px canvas,
+    turned by `turn` degrees, cropped to the ink plus `margin` of the canvas's side: grey,
+    dark on white."""
     image = Image.new("L", (size, size), 255)
     for stroke in strokes:
         ImageDraw.Draw(image).line([(x * size, y * size) for x, y in stroke], fill=0, width=pen)
@@ -471,3 +472,13 @@ def test_a_thin_digits_own_bars_are_not_ruled_lines(strokes, margin, turn):
     line does, and may lie along its edge; it must stay."""
     ink = 1 - _thin_digit(strokes, margin, turn=turn)
     assert np.array_equal(P.without_rules(ink, P.INK_FLOOR), ink)
+
+
+def test_a_faint_image_the_contrast_curve_empties_is_blank():
+    """A small faint image whose enlarged ink the contrast curve takes entirely for blur
+    (found by Hypothesis): it divided by the digit's zero mass."""
+    image = np.full((6, 25), 128, np.uint8)
+    image[0, 0] = image[0, 2] = image[4, 5] = image[5, 7] = 0
+    image[5, 5] = 90
+    pixels, warnings = P.to_mnist(P.ink_map(image / 255.0))
+    assert not pixels.any() and warnings[-1] == "no ink found: the image looks blank"
