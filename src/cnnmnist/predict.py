@@ -32,6 +32,7 @@ RULE_FRINGE = 0.3  # a row beside a line with this share of ink is its blurred e
 RULE_TRIM = 0.005  # the share of the digit's pixels at each end of its extent taken as strays
 MAX_RULE_LEVEL = 0.15  # lines are traced at this ink level at most, however noisy the paper
 HALF_INK_BORDER = 0.25  # a border median this near the middle of the image's range: half ink
+ONE_SURFACE = 0.05  # ... unless a surface of light fits the border this closely (of the range)
 BOX = 20  # MNIST digits fit a 20 x 20 box ...
 UPSCALE_CURVE = (0.3, 0.7)  # ink levels mapped to 0 and 1 when a small digit is enlarged
 MAX_STROKE = 4.5  # px in the 20-px box: about 1% of MNIST's digits have wider strokes (measured)
@@ -340,7 +341,27 @@ def _light_paper(grey: np.ndarray) -> bool:
     middle = (low + high) / 2
     if abs(border - middle) >= HALF_INK_BORDER * (high - low):
         return border > 0.5
+    if _one_surface(grey, high - low):  # no ink on the border, only uneven light
+        return border > middle
     return _median(grey[[0, 0, -1, -1], [0, -1, 0, -1]]) > middle
+
+
+def _lighting(shape: tuple[int, int]) -> list[np.ndarray]:
+    """The terms of a surface of light over the image: a plane, then a bowl (light falling
+    off towards the corners, as through a phone's lens)."""
+    h, w = shape
+    ys, xs = np.mgrid[:h, :w] / np.array([h, w])[:, None, None] - 0.5
+    return [np.ones_like(ys), ys, xs, ys * ys, xs * xs, ys * xs]
+
+
+def _one_surface(grey: np.ndarray, span: float) -> bool:
+    """Whether the image's border is one surface under uneven light (a bowl fits nearly all
+    of it closely), not paper and ink."""
+    if min(grey.shape) < MIN_SIDE_FOR_LIGHTING:
+        return False
+    surface, sigma = _surface(grey, _lighting(grey.shape))
+    close = np.abs(_border(grey - surface)) <= 3 * sigma
+    return sigma < ONE_SURFACE * span and close.mean() >= 0.8
 
 
 def _paper(ink: np.ndarray) -> tuple[np.ndarray, float]:
@@ -355,10 +376,11 @@ def _paper(ink: np.ndarray) -> tuple[np.ndarray, float]:
 
 def _border_level(ink: np.ndarray, tight: bool = False) -> tuple[np.ndarray, float]:
     """A plane fitted to the image's border (light falls off across a photo), refitted
-    without the border pixels that are ink, and the residuals' spread. A small image (a scan
-    of a few pixels) gets its border's median. `tight`: the border is mostly ink, so the
-    first refit keeps only the pixels under the plane, and a small image gets its border's
-    tenth percentile."""
+    without the border pixels that are ink, and the residuals' spread; a bowl instead where
+    it fits the border with half the spread or less (corners darker than the middle). A
+    small image (a scan of a few pixels) gets its border's median. `tight`: the border is
+    mostly ink, so the first refit keeps only the pixels under the plane, and a small image
+    gets its border's tenth percentile."""
     h, w = ink.shape
     if min(h, w) < MIN_SIDE_FOR_LIGHTING:
         border = _border(ink)
@@ -366,17 +388,30 @@ def _border_level(ink: np.ndarray, tight: bool = False) -> tuple[np.ndarray, flo
         sigma = 1.4826 * _median(np.abs(border - median))
         level = np.partition(border, border.size // 10)[border.size // 10] if tight else median
         return np.full_like(ink, level), float(sigma)
-    ys, xs = np.mgrid[:h, :w]
-    along = np.stack([_border(ys / h), _border(xs / w), np.ones(2 * (h + w))], axis=1)
+    terms = _lighting(ink.shape)
+    level, sigma = _surface(ink, terms[:3], tight)
+    if sigma > INK_FLOOR and not tight:
+        # Light falling off towards the corners is no plane: a bowl may fit it better.
+        bowl, bowl_sigma = _surface(ink, terms)
+        if bowl_sigma < sigma / 2:
+            return bowl, bowl_sigma
+    return level, sigma
+
+
+def _surface(ink: np.ndarray, terms: list[np.ndarray], tight: bool = False):
+    """The surface sum(c_k * term_k) fitted to the border (three fits, each without the
+    border pixels the last one took for ink), over the whole image; and the residuals'
+    spread."""
+    along = np.stack([_border(t) for t in terms], axis=1)
     values = _border(ink)
     keep = np.ones(len(values), bool)
     for step in range(3):
-        plane, *_ = np.linalg.lstsq(along[keep], values[keep], rcond=None)
-        residual = values - along @ plane
+        fit, *_ = np.linalg.lstsq(along[keep], values[keep], rcond=None)
+        residual = values - along @ fit
         sigma = 1.4826 * _median(np.abs(residual[keep]))
         clip = 0.0 if tight and step == 0 else max(3 * sigma, 1e-9)
         keep = residual <= clip  # ink is brighter than paper, never darker
-    return plane[0] * ys / h + plane[1] * xs / w + plane[2], float(sigma)
+    return sum(c * t for c, t in zip(fit, terms, strict=True)), float(sigma)
 
 
 def _specks(mask: np.ndarray) -> int:
