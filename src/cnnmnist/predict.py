@@ -231,9 +231,10 @@ def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray, in
         slopes = np.clip(slopes, -MAX_RULE_SLOPE, MAX_RULE_SLOPE)
         return max(slopes, key=lambda s: (np.square(cover(s, ink_in)[2]).sum(), -abs(s)))
 
-    # Coarse to fine: slopes 8 / width apart, with rows counting 3 neighbours each side (a
-    # slope that far off moves a line's ends by 2 rows), then 1 / width apart around the best,
-    # with 1 neighbour (a line a pixel thin, between two slopes, still fills one row).
+    # Coarse to fine: slopes 8 / width apart, with rows counting 3 neighbours each side (the
+    # nearest is at most 4 / width off, which moves a line's ends by 2 rows), then 1 / width
+    # apart around the best, with 1 neighbour (a line a pixel thin, between two slopes, still
+    # fills one row).
     unit = 1 / width
     slope = best(np.arange(-MAX_RULE_SLOPE, MAX_RULE_SLOPE + unit, 8 * unit), pooled(3))
     mask = pooled(1)
