@@ -199,6 +199,16 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     assert prepared.pixels is None and "refusing to decode" in prepared.error
 
 
+def test_a_float_image_with_infinite_pixels_is_an_error_naming_it():
+    pixels = np.zeros((40, 40), np.float32)
+    pixels[10:30, 18:22] = np.inf
+    blob = io.BytesIO()
+    Image.fromarray(pixels, mode="F").save(blob, format="TIFF")
+    prepared = P.prepare("inf.tif", blob.getvalue())
+    assert prepared.pixels is None and prepared.error.startswith("inf.tif: ")
+    assert "not finite" in prepared.error
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     hnp.arrays(

@@ -139,6 +139,8 @@ def _grey_and_alpha(image) -> tuple[np.ndarray, np.ndarray | None]:
     mode = image.mode
     if mode.startswith("I") or mode == "F":  # 16/32-bit grey or float
         grey = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(grey).all():  # a float TIFF can hold them; they would reach the maths
+            raise ValueError("it holds pixels that are not finite numbers (NaN or infinity)")
         top = 65535.0 if mode.startswith("I;16") or grey.max(initial=0) > 255 else 255.0
         if mode == "F":
             top = max(1.0, float(grey.max(initial=0)))
@@ -170,6 +172,8 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     """Ink in [0, 1] (1 = stroke), whatever the polarity: light paper is inverted, the paper's
     own level is subtracted, and transparent pixels count as background."""
     grey = np.asarray(grey, dtype=np.float64)
+    if grey.ndim != 2 or grey.size == 0 or not np.isfinite(grey).all():
+        raise ImageError(f"expected a finite 2-D grey image, got shape {grey.shape}")
     if alpha is not None and (alpha < 0.5).any():
         opaque = alpha >= 0.5
         dark_strokes = opaque.any() and grey[opaque].mean() < 0.5
