@@ -269,18 +269,26 @@ def _without_exif(image) -> bytes:
     return blob.getvalue()
 
 
-def _as_photo(digit: np.ndarray, light: float, noise: float, size: int = 300, seed: int = 0):
-    """An MNIST digit as a photo of dark ink on paper lit from one side: the paper's brightness
-    falls by `light` across the picture, with sensor noise of `noise` grey levels."""
-    rng = np.random.default_rng(seed)
-    ink = np.asarray(Image.fromarray(digit).resize((size // 2, size // 2), Image.BILINEAR)) / 255
-    mask = np.zeros((size, size))
-    mask[size // 4 : size // 4 + size // 2, size // 4 : size // 4 + size // 2] = ink
-    paper = 235 - light * np.mgrid[:size, :size][1] / size
-    photo = paper * (1 - mask) + 40 * mask + rng.normal(0, noise, (size, size))
+def _on_paper(digit: np.ndarray, paper: np.ndarray, pen: float, side: int, noise: float = 0.0):
+    """An MNIST digit enlarged to `side` px, in ink of grey level `pen`, in the middle of
+    `paper` (grey levels), with sensor noise of `noise` grey levels: a PNG."""
+    size = paper.shape[0]
+    at = (size - side) // 2
+    mask = np.zeros(paper.shape)
+    mask[at : at + side, at : at + side] = (
+        np.asarray(Image.fromarray(digit).resize((side, side), Image.BILINEAR)) / 255
+    )
+    photo = paper * (1 - mask) + pen * mask + np.random.default_rng(0).normal(0, noise, paper.shape)
     blob = io.BytesIO()
     Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(blob, format="PNG")
     return blob.getvalue()
+
+
+def _as_photo(digit: np.ndarray, light: float, noise: float, size: int = 300):
+    """An MNIST digit as a photo of dark ink on paper lit from one side: the paper's brightness
+    falls by `light` across the picture, with sensor noise of `noise` grey levels."""
+    paper = 235 - light * np.mgrid[:size, :size][1] / size
+    return _on_paper(digit, paper, 40, size // 2, noise)
 
 
 @pytest.mark.parametrize("light", [0, 60, 110])
@@ -310,13 +318,7 @@ def _vignetted(digit: np.ndarray, dark: float, size: int = 300) -> bytes:
     """An MNIST digit as a photo whose light falls off towards the corners, to `1 - dark` of
     the centre's there (a phone's lens, a lamp close by)."""
     ys, xs = (np.mgrid[:size, :size] - (size - 1) / 2) / ((size - 1) / 2)
-    paper = 230 * (1 - dark * (ys**2 + xs**2) / 2)
-    ink = np.zeros((size, size))
-    ink[75:225, 75:225] = np.asarray(Image.fromarray(digit).resize((150, 150), Image.BILINEAR))
-    photo = paper * (1 - ink / 255) + 25 * ink / 255
-    blob = io.BytesIO()
-    Image.fromarray(photo.astype(np.uint8)).save(blob, format="PNG")
-    return blob.getvalue()
+    return _on_paper(digit, 230 * (1 - dark * (ys**2 + xs**2) / 2), 25, size // 2)
 
 
 @pytest.mark.parametrize("dark", [0.3, 0.5, 0.6])
@@ -450,12 +452,7 @@ def _notebook(digit: np.ndarray, lines: str, tilt: float, grey: int, size: int =
         draw.line([(0, at), (size, at + rise)], fill=grey, width=2)
         if lines == "squared":
             draw.line([(at, 0), (at - rise, size)], fill=grey, width=2)
-    ink = np.zeros((size, size))
-    ink[66:234, 66:234] = np.asarray(Image.fromarray(digit).resize((168, 168), Image.BILINEAR))
-    mixed = np.asarray(page) * (1 - ink / 255) + 30 * ink / 255
-    blob = io.BytesIO()
-    Image.fromarray(mixed.astype(np.uint8)).save(blob, format="PNG")
-    return blob.getvalue()
+    return _on_paper(digit, np.asarray(page, dtype=np.float64), 30, 168)
 
 
 @pytest.mark.parametrize("lines", ["ruled", "squared"])

@@ -215,15 +215,13 @@ def labelled_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
 def evaluate_folder(path: Path, folder: Path, batch_size: int = 1000) -> Report:
     """Evaluate on the user's own labelled images, each prepared exactly as `predict` prepares
     it. Files that cannot be read or hold no ink are listed in the report, not evaluated."""
-    from cnnmnist.predict import has_ink, prepare
+    from cnnmnist.predict import BLANK, has_ink, prepare
 
     files, notes = labelled_files(folder)
     ckpt = checkpoint.read(path)
     prepared = [(prepare(source), label) for source, label in files]
     unreadable = [
-        {"file": p.source, "error": p.error or "no ink found: the image looks blank"}
-        for p, _ in prepared
-        if not has_ink(p)
+        {"file": p.source, "error": p.error or BLANK} for p, _ in prepared if not has_ink(p)
     ]
     ready = [(p, label) for p, label in prepared if has_ink(p)]
     if not ready:

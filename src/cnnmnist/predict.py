@@ -39,6 +39,7 @@ MAX_STROKE = 4.5  # px in the 20-px box: about 1% of MNIST's digits have wider s
 MAX_THINNING = 3  # pixels a stroke too wide loses at most, one at a time
 CENTRE = 14.0  # ... placed with their centre of mass at pixel (14, 14) of 28 x 28 (measured)
 LOW_CONFIDENCE = 0.5
+BLANK = "no ink found: the image looks blank"
 STDIN = "-"
 
 
@@ -246,6 +247,7 @@ def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray, in
     valid, on, share = cover(slope, mask)
     hits = np.flatnonzero(share >= RULE_COVER)
     end = max(1, round(RULE_MARGIN * sample.size))
+    offsets, near = shift(slope, np.arange(width)), RULE_MARGIN * height
     lines = []
     # Rows a few apart are one band: a digit's thick bar, turned, is not two thin lines.
     for band in np.split(hits, np.flatnonzero(np.diff(hits) > 3) + 1) if hits.size else []:
@@ -260,9 +262,7 @@ def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray, in
         # ink: the line's blurred edge.
         top -= int(top > 0 and share[top - 1] >= RULE_FRINGE)
         bottom += int(bottom < share.size - 1 and share[bottom + 1] >= RULE_FRINGE)
-        offsets = shift(slope, np.arange(width))
         top, bottom = top - pad, bottom - pad
-        near = RULE_MARGIN * height
         edge = -1 if top + offsets.min() <= near else int(bottom + offsets.max() >= height - near)
         lines.append((top, bottom, offsets, edge))
     return lines
@@ -351,12 +351,41 @@ def _light_paper(grey: np.ndarray) -> bool:
     return _median(grey[[0, 0, -1, -1], [0, -1, 0, -1]]) > middle
 
 
-def _lighting(shape: tuple[int, int]) -> list[np.ndarray]:
-    """The terms of a surface of light over the image: a plane, then a bowl (light falling
-    off towards the corners, as through a phone's lens)."""
-    h, w = shape
-    ys, xs = np.mgrid[:h, :w] / np.array([h, w])[:, None, None] - 0.5
-    return [np.ones_like(ys), ys, xs, ys * ys, xs * xs, ys * xs]
+PLANE, BOWL = 3, 6  # terms of a surface of light
+
+
+def _lighting(ys: np.ndarray, xs: np.ndarray, terms: int) -> list[np.ndarray]:
+    """The terms of a surface of light at rows ys and columns xs (each from -0.5 to 0.5 across
+    the image): a plane, and for a bowl (light falling off towards the corners, as through a
+    phone's lens) the squares and the cross term too."""
+    plane = [np.ones_like(ys), ys, xs]
+    return plane + [ys * ys, xs * xs, ys * xs] if terms == BOWL else plane
+
+
+def _grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns from -0.5 to 0.5 across an image, as an open grid."""
+    ys, xs = np.ogrid[: shape[0], : shape[1]]
+    return ys / shape[0] - 0.5, xs / shape[1] - 0.5
+
+
+def _fit_light(image: np.ndarray, terms: int, tight: bool = False):
+    """A surface of light with `terms` terms fitted to the image's border, three times, each
+    without the border pixels the last fit took for ink: its coefficients, the residuals'
+    spread and the border's residuals. `tight`: the border is mostly ink, so the first refit
+    keeps only the pixels under the surface."""
+    along = np.stack(
+        [_border(np.broadcast_to(t, image.shape)) for t in _lighting(*_grid(image.shape), terms)],
+        axis=1,
+    )
+    values = _border(image)
+    keep = np.ones(len(values), bool)
+    for step in range(3):
+        fit, *_ = np.linalg.lstsq(along[keep], values[keep], rcond=None)
+        residual = values - along @ fit
+        sigma = 1.4826 * _median(np.abs(residual[keep]))
+        clip = 0.0 if tight and step == 0 else max(3 * sigma, 1e-9)
+        keep = residual <= clip  # ink is brighter than paper, never darker
+    return fit, float(sigma), residual
 
 
 def _one_surface(grey: np.ndarray, span: float) -> bool:
@@ -364,9 +393,8 @@ def _one_surface(grey: np.ndarray, span: float) -> bool:
     of it closely), not paper and ink."""
     if min(grey.shape) < MIN_SIDE_FOR_LIGHTING:
         return False
-    surface, sigma = _surface(grey, _lighting(grey.shape))
-    close = np.abs(_border(grey - surface)) <= 3 * sigma
-    return sigma < ONE_SURFACE * span and close.mean() >= 0.8
+    _, sigma, residual = _fit_light(grey, BOWL)
+    return sigma < ONE_SURFACE * span and (np.abs(residual) <= 3 * sigma).mean() >= 0.8
 
 
 def _paper(ink: np.ndarray) -> tuple[np.ndarray, float]:
@@ -393,30 +421,14 @@ def _border_level(ink: np.ndarray, tight: bool = False) -> tuple[np.ndarray, flo
         sigma = 1.4826 * _median(np.abs(border - median))
         level = np.partition(border, border.size // 10)[border.size // 10] if tight else median
         return np.full_like(ink, level), float(sigma)
-    terms = _lighting(ink.shape)
-    level, sigma = _surface(ink, terms[:3], tight)
+    fit, sigma, _ = _fit_light(ink, PLANE, tight)
     if sigma > INK_FLOOR and not tight:
         # Light falling off towards the corners is no plane: a bowl may fit it better.
-        bowl, bowl_sigma = _surface(ink, terms)
+        bowl, bowl_sigma, _ = _fit_light(ink, BOWL)
         if bowl_sigma < sigma / 2:
-            return bowl, bowl_sigma
-    return level, sigma
-
-
-def _surface(ink: np.ndarray, terms: list[np.ndarray], tight: bool = False):
-    """The surface sum(c_k * term_k) fitted to the border (three fits, each without the
-    border pixels the last one took for ink), over the whole image; and the residuals'
-    spread."""
-    along = np.stack([_border(t) for t in terms], axis=1)
-    values = _border(ink)
-    keep = np.ones(len(values), bool)
-    for step in range(3):
-        fit, *_ = np.linalg.lstsq(along[keep], values[keep], rcond=None)
-        residual = values - along @ fit
-        sigma = 1.4826 * _median(np.abs(residual[keep]))
-        clip = 0.0 if tight and step == 0 else max(3 * sigma, 1e-9)
-        keep = residual <= clip  # ink is brighter than paper, never darker
-    return sum(c * t for c, t in zip(fit, terms, strict=True)), float(sigma)
+            fit, sigma = bowl, bowl_sigma
+    ys, xs = _grid(ink.shape)
+    return sum(c * t for c, t in zip(fit, _lighting(ys, xs, len(fit)), strict=True)), sigma
 
 
 def _specks(mask: np.ndarray) -> int:
@@ -445,7 +457,7 @@ def to_mnist(ink: np.ndarray) -> tuple[np.ndarray, list[str]]:
         raise ImageError(f"expected a finite 2-D ink map, got shape {ink.shape}")
     mask = ink > INK_FLOOR
     if not mask.any():
-        return np.zeros((28, 28), np.uint8), ["no ink found: the image looks blank"]
+        return np.zeros((28, 28), np.uint8), [BLANK]
     warnings = []
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
@@ -465,7 +477,7 @@ def to_mnist(ink: np.ndarray) -> tuple[np.ndarray, list[str]]:
             crop = np.clip((crop - UPSCALE_CURVE[0]) / (UPSCALE_CURVE[1] - UPSCALE_CURVE[0]), 0, 1)
     crop = _thin(crop)
     if not crop.any():  # faint specks the contrast curve took for the ink's blurred edge
-        return np.zeros((28, 28), np.uint8), [*warnings, "no ink found: the image looks blank"]
+        return np.zeros((28, 28), np.uint8), [*warnings, BLANK]
     h, w = crop.shape
     canvas = np.zeros((28, 28), np.float64)
     y0, x0 = (28 - h) // 2, (28 - w) // 2
