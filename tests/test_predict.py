@@ -470,7 +470,51 @@ def test_a_notebooks_lines_are_not_taken_for_the_digit(mnist, monkeypatch, lines
 
     assert agreement() > 0.9
     monkeypatch.setattr(P, "without_rules", lambda ink, level: ink)
+    monkeypatch.setattr(P, "_without_slivers", lambda ink, level: ink)  # the lines' ends
     assert agreement() < 0.6
+
+
+@pytest.mark.parametrize(
+    "sliver",
+    [
+        [(0, 5), (300, -6)],  # a ruled line turned off the top edge, inside for under half
+        [(300, 292), (150, 301)],  # one leaving at the bottom right corner
+        [(1, 0), (1, 300)],  # the page's edge along the left side
+    ],
+)
+def test_a_lines_end_along_the_edge_is_not_taken_for_the_digit(mnist, monkeypatch, sliver):
+    """What is left of a line at the image's edge, too short to be traced as one, stretched
+    the digit's box to the edge and shrank the digit."""
+    digits = mnist.test_images[:12]
+    page = Image.new("L", (300, 300), 235)
+    ImageDraw.Draw(page).line(sliver, fill=150, width=3)
+    with_sliver = np.asarray(page, dtype=np.float64)
+    plain = [P.prepare("p.png", _on_paper(d, np.full((300, 300), 235.0), 30, 168)) for d in digits]
+
+    def agreement():
+        got = [P.prepare("s.png", _on_paper(d, with_sliver, 30, 168)).pixels for d in digits]
+        same = zip(plain, got, strict=True)
+        return np.mean([np.corrcoef(a.pixels.ravel(), b.ravel())[0, 1] for a, b in same])
+
+    assert agreement() > 0.9
+    monkeypatch.setattr(P, "_without_slivers", lambda ink, level: ink)
+    assert agreement() < 0.6
+
+
+@pytest.mark.parametrize("gap", [6, 10])
+def test_a_line_near_the_edge_under_the_digit_is_removed(mnist, gap):
+    """A digit written `gap` px above a ruled line that lies near the image's bottom edge:
+    closer than the margin a digit keeps from such a line, but not touching it."""
+    for digit in mnist.test_images[:12]:
+        ink = np.zeros((300, 300))
+        ink[66:234, 66:234] = np.asarray(Image.fromarray(digit).resize((168, 168))) / 255
+        below = np.flatnonzero((ink > 0.5).any(axis=1))[-1] + gap
+        ink = ink[: below + 10]
+        lined = ink.copy()
+        lined[below : below + 2] = 0.6
+        out, strokes = P.without_rules(lined, P.INK_FLOOR), ink > 0.5
+        assert not out[below:].any()
+        assert np.array_equal(out[strokes], ink[strokes])  # a blurred edge may lose a row
 
 
 def _thin_digit(strokes, margin: float, pen: int = 3, turn: float = 0, size: int = 400):
@@ -504,6 +548,7 @@ def test_a_thin_digits_own_bars_are_not_ruled_lines(strokes, margin, turn):
     line does, and may lie along its edge; it must stay."""
     ink = 1 - _thin_digit(strokes, margin, turn=turn)
     assert np.array_equal(P.without_rules(ink, P.INK_FLOOR), ink)
+    assert np.array_equal(P._without_slivers(ink, P.INK_FLOOR), ink)
 
 
 def test_a_faint_image_the_contrast_curve_empties_is_blank():

@@ -29,6 +29,7 @@ MAX_RULE_SLOPE = 0.05  # ruled lines turned by up to 3 degrees (a photo taken as
 RULE_COVER = 0.9  # a ruled line has ink across this share of the image ...
 RULE_MARGIN = 0.05  # ... and at both ends; it passes the rest of the ink by this share on each side
 RULE_FRINGE = 0.3  # a row beside a line with this share of ink is its blurred edge
+TOUCH = 2  # rows beside a line near an edge that a stroke joining it (a foot, a bar) fills
 RULE_TRIM = 0.005  # the share of the digit's pixels at each end of its extent taken as strays
 MAX_RULE_LEVEL = 0.15  # lines are traced at this ink level at most, however noisy the paper
 HALF_INK_BORDER = 0.25  # a border median this near the middle of the image's range: half ink
@@ -194,9 +195,9 @@ def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     # the border itself is mostly ink (a digit cropped tight).
     sigma /= contrast
     ink = without_rules(ink, max(INK_FLOOR, min(3 * sigma, MAX_RULE_LEVEL)))
-    if sigma == 0 and _specks(ink > INK_FLOOR) < MIN_SPECKS:
-        return ink
-    return _despeckle(np.where(ink > min(max(5 * sigma, INK_FLOOR), MAX_NOISE_FLOOR), ink, 0.0))
+    if sigma > 0 or _specks(ink > INK_FLOOR) >= MIN_SPECKS:
+        ink = _despeckle(np.where(ink > min(max(5 * sigma, INK_FLOOR), MAX_NOISE_FLOOR), ink, 0.0))
+    return _without_slivers(ink, INK_FLOOR)
 
 
 def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray, int]]:
@@ -253,7 +254,7 @@ def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray, in
     for band in np.split(hits, np.flatnonzero(np.diff(hits) > 3) + 1) if hits.size else []:
         top, bottom = int(band[0]), int(band[-1])
         inside = valid[top : bottom + 1].any(axis=0)
-        if inside.mean() < 0.5 or bottom - top - 1 > max(2, height // 40):
+        if inside.mean() < 0.5 or bottom - top - 1 > _rule_width(height):
             continue
         reaches = on[top : bottom + 1].any(axis=0)[inside]
         if reaches[:end].mean() < 0.5 or reaches[-end:].mean() < 0.5:
@@ -266,6 +267,11 @@ def _rules(ink: np.ndarray, level: float) -> list[tuple[int, int, np.ndarray, in
         edge = -1 if top + offsets.min() <= near else int(bottom + offsets.max() >= height - near)
         lines.append((top, bottom, offsets, edge))
     return lines
+
+
+def _rule_width(size: int) -> int:
+    """The most rows a ruled line may be thick in an image `size` rows high (a fortieth)."""
+    return max(2, size // 40)
 
 
 def _along(top: int, shift: np.ndarray, offsets, shape: tuple[int, int]):
@@ -292,16 +298,17 @@ def without_rules(ink: np.ndarray, level: float) -> np.ndarray:
             ys, xs, inside = _along(top, shift, range(bottom - top + 1), view.shape)
             view[ys[inside], xs[inside]] = True
         digit = (ink > level) & ~lines
-        strokes = np.nonzero((ink > 0.5) & digit)  # clear of paper grain
-        if not strokes[0].size:
+        strokes = (ink > 0.5) & digit  # clear of paper grain
+        where = np.nonzero(strokes)
+        if not where[0].size:
             return ink
         # The digit's extent on each axis, as a share of the image, without the few stray
         # pixels (JPEG noise, a line's leftover) that would stretch it to the edges.
-        trim = int(RULE_TRIM * strokes[0].size)
+        trim = int(RULE_TRIM * where[0].size)
         extent = [
-            np.sort(at)[[trim, -1 - trim]] / n for at, n in zip(strokes, ink.shape, strict=True)
+            np.sort(at)[[trim, -1 - trim]] / n for at, n in zip(where, ink.shape, strict=True)
         ]
-        kept = [(turned, line) for turned, line in found if _clear(line, extent, turned, ink.shape)]
+        kept = [(turned, line) for turned, line in found if _clear(line, extent, turned, strokes)]
         if len(kept) == len(found):
             break
         found = kept
@@ -321,19 +328,63 @@ def without_rules(ink: np.ndarray, level: float) -> np.ndarray:
     return out
 
 
-def _clear(line, extent, turned: bool, shape) -> bool:
+def _without_slivers(ink: np.ndarray, level: float) -> np.ndarray:
+    """Ink without slivers along its edges: what is left of a ruled line that leaves the image
+    turned, or of the page's edge. A sliver is at most a fortieth of the image thick (a turned
+    line's fragment may climb MAX_RULE_SLOPE of the width more) and split from the rest of
+    the ink by clear paper; the rest must keep RULE_MARGIN clear of every edge, as a digit in
+    the middle of a page does (a digit cropped tight has its own bars there)."""
+    if min(ink.shape) < MIN_SIDE_FOR_RULES:
+        return ink
+    rest = ink > level
+    found = True
+    while found:
+        found = False
+        for turned, flip in ((False, False), (False, True), (True, False), (True, True)):
+            view = rest.T if turned else rest
+            rows = view[::-1] if flip else view
+            has = rows.any(axis=1)
+            if not has[0] or has.all():
+                continue
+            gap = int(np.argmin(has))
+            thick = _rule_width(rows.shape[0]) + 1
+            if (
+                gap <= thick + MAX_RULE_SLOPE * rows.shape[1]
+                and rows[:gap].sum(axis=0).max() <= thick
+            ):
+                rows[:gap] = False
+                found = True
+    if not rest.any() or np.array_equal(rest, ink > level):
+        return ink
+    for along, n in zip((rest.any(axis=1), rest.any(axis=0)), ink.shape, strict=True):
+        at = np.flatnonzero(along)
+        if at[0] < RULE_MARGIN * n or at[-1] >= (1 - RULE_MARGIN) * n:
+            return ink
+    return np.where(rest | (ink <= level), ink, 0.0)
+
+
+def _clear(line, extent, turned: bool, strokes: np.ndarray) -> bool:
     """Whether a ruled line passes the digit (its extent on each axis, as shares of the
-    image) on both sides and, near an edge, keeps clear of it."""
+    image, and its strokes) on both sides and, near an edge, keeps clear of it or at least
+    does not touch it: a digit cropped tight has its bars and feet there, joined to it."""
     top, bottom, shift, edge = line
     (low, high), (first, last) = extent[::-1] if turned else extent
     if first < RULE_MARGIN or last >= 1 - RULE_MARGIN:
         return False
-    size = shape[1 if turned else 0]
-    if edge < 0:
-        return low >= (bottom + shift.max()) / size + RULE_MARGIN
-    if edge > 0:
-        return high <= (top + shift.min()) / size - RULE_MARGIN
-    return True
+    size = strokes.shape[1 if turned else 0]
+    if not edge or (
+        low >= (bottom + shift.max()) / size + RULE_MARGIN
+        if edge < 0
+        else high <= (top + shift.min()) / size - RULE_MARGIN
+    ):
+        return True
+    # The rows just beyond the line on the digit's side, past the one its blur may reach: a
+    # stroke that joins the line fills them; a few stray pixels do not.
+    thick = bottom - top + 1
+    offsets = range(-1 - TOUCH, -1) if edge > 0 else range(thick + 1, thick + 1 + TOUCH)
+    view = strokes.T if turned else strokes
+    ys, xs, inside = _along(top, shift, offsets, view.shape)
+    return (inside & view[np.clip(ys, 0, view.shape[0] - 1), xs]).sum() < 2 * TOUCH
 
 
 def _light_paper(grey: np.ndarray) -> bool:
