@@ -517,6 +517,56 @@ def test_a_line_near_the_edge_under_the_digit_is_removed(mnist, gap):
         assert np.array_equal(out[strokes], ink[strokes])  # a blurred edge may lose a row
 
 
+def _dim_squared_page(edges: list[str], size: int = 400) -> np.ndarray:
+    """Squared paper (grey levels) in dim light, cropped along its lines at `edges`; the light
+    falls off away from the corner where they meet."""
+    page = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(page)
+    rows = [1] * ("top" in edges) + list(range(40, size, 40)) + [size - 2] * ("bottom" in edges)
+    cols = [1] * ("left" in edges) + list(range(40, size, 40)) + [size - 2] * ("right" in edges)
+    for at in rows:
+        draw.line([(0, at), (size, at)], fill=150, width=2)
+    for at in cols:
+        draw.line([(at, 0), (at, size)], fill=150, width=2)
+    ys, xs = np.mgrid[:size, :size] / size
+    away = ys + xs if "top" in edges else 2 - ys - xs  # from the lines' corner
+    return np.asarray(page, dtype=np.float64) * 0.78 * (1 - away / 8)
+
+
+@pytest.mark.parametrize("edges", [["top", "left"], ["bottom", "right"]])
+def test_a_dim_page_cropped_along_its_lines_is_read_as_paper(mnist, edges):
+    """The border's median lies near the middle of the image's range, and two or three of the
+    four corners are on a line: the corners' rule read the paper as ink (along the bottom and
+    right). Along the top and left, the digit then prepares as on plain paper; along the
+    bottom and right, the lines on the border still tilt the paper's fitted light, and the
+    lines in the shade stay (docs/robustness.md)."""
+    page, plain, same = _dim_squared_page(edges), np.full((400, 400), 235.0), []
+    for digit in mnist.test_images[:12]:
+        blob = _on_paper(digit, page, 50, 224, noise=6)
+        assert P._light_paper(P.decode(blob, "d.png")[0])
+        got = P.prepare("d.png", blob).pixels.ravel()
+        want = P.prepare("p.png", _on_paper(digit, plain, 30, 224)).pixels.ravel()
+        same.append(np.corrcoef(want, got)[0, 1])
+    if "top" in edges:
+        assert np.mean(same) > 0.9
+
+
+def test_a_lines_end_along_the_edge_does_not_keep_the_page_lined(mnist):
+    """What is left of a line along the edge is not traced as a line, and stretched the
+    digit's extent to the edge, so that no line seemed to pass the digit: all stayed."""
+    ink = np.zeros((400, 400))
+    ink[100:300, 100:300] = np.asarray(Image.fromarray(mnist.test_images[0]).resize((200, 200)))
+    ink /= 255
+    digit = ink.copy()
+    for at in range(20, 400, 40):
+        ink[at : at + 2] = np.maximum(ink[at : at + 2], 0.6)
+        ink[:, at : at + 2] = np.maximum(ink[:, at : at + 2], 0.6)
+    ink[398:, :150] = 0.6  # a line leaving the image at its bottom edge
+    out = P.without_rules(ink, P.INK_FLOOR)
+    assert not out[:398][digit[:398] == 0].any()
+    assert (out[digit > 0.5] > 0).mean() > 0.95  # where a line crosses a stroke's end, it goes
+
+
 def _thin_digit(strokes, margin: float, pen: int = 3, turn: float = 0, size: int = 400):
     """Strokes ((x, y) points in a unit square) drawn `pen` px wide on a `size`-px canvas,
     turned by `turn` degrees, cropped to the ink plus `margin` of the canvas's side: grey,

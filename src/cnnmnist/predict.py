@@ -298,7 +298,7 @@ def without_rules(ink: np.ndarray, level: float) -> np.ndarray:
             ys, xs, inside = _along(top, shift, range(bottom - top + 1), view.shape)
             view[ys[inside], xs[inside]] = True
         digit = (ink > level) & ~lines
-        strokes = (ink > 0.5) & digit  # clear of paper grain
+        strokes = _peeled((ink > 0.5) & digit)  # clear of paper grain and lines' ends
         where = np.nonzero(strokes)
         if not where[0].size:
             return ink
@@ -329,14 +329,27 @@ def without_rules(ink: np.ndarray, level: float) -> np.ndarray:
 
 
 def _without_slivers(ink: np.ndarray, level: float) -> np.ndarray:
-    """Ink without slivers along its edges: what is left of a ruled line that leaves the image
-    turned, or of the page's edge. A sliver is at most a fortieth of the image thick (a turned
-    line's fragment may climb MAX_RULE_SLOPE of the width more) and split from the rest of
-    the ink by clear paper; the rest must keep RULE_MARGIN clear of every edge, as a digit in
-    the middle of a page does (a digit cropped tight has its own bars there)."""
+    """Ink without slivers along its edges (`_peeled`), if the rest of the ink keeps
+    RULE_MARGIN clear of every edge, as a digit in the middle of a page does (a digit cropped
+    tight has its own bars there)."""
     if min(ink.shape) < MIN_SIDE_FOR_RULES:
         return ink
-    rest = ink > level
+    rest = _peeled(ink > level)
+    if not rest.any() or np.array_equal(rest, ink > level):
+        return ink
+    for along, n in zip((rest.any(axis=1), rest.any(axis=0)), ink.shape, strict=True):
+        at = np.flatnonzero(along)
+        if at[0] < RULE_MARGIN * n or at[-1] >= (1 - RULE_MARGIN) * n:
+            return ink
+    return np.where(rest | (ink <= level), ink, 0.0)
+
+
+def _peeled(mask: np.ndarray) -> np.ndarray:
+    """The mask without slivers along its edges: what is left of a ruled line that leaves the
+    image turned or runs along its edge, or of the page's edge. A sliver is at most a line's
+    width thick (a turned line's fragment may climb MAX_RULE_SLOPE of the width more) and split
+    from the rest by clear paper."""
+    rest = mask.copy()
     found = True
     while found:
         found = False
@@ -354,13 +367,7 @@ def _without_slivers(ink: np.ndarray, level: float) -> np.ndarray:
             ):
                 rows[:gap] = False
                 found = True
-    if not rest.any() or np.array_equal(rest, ink > level):
-        return ink
-    for along, n in zip((rest.any(axis=1), rest.any(axis=0)), ink.shape, strict=True):
-        at = np.flatnonzero(along)
-        if at[0] < RULE_MARGIN * n or at[-1] >= (1 - RULE_MARGIN) * n:
-            return ink
-    return np.where(rest | (ink <= level), ink, 0.0)
+    return rest
 
 
 def _clear(line, extent, turned: bool, strokes: np.ndarray) -> bool:
@@ -390,13 +397,27 @@ def _clear(line, extent, turned: bool, strokes: np.ndarray) -> bool:
 def _light_paper(grey: np.ndarray) -> bool:
     """Whether the paper is lighter than the ink. The border's median says, unless it lies
     near the middle of the image's range: a bold digit cropped to its ink has strokes along
-    half its border, and then the four corners decide (strokes reach the sides of a digit's
-    box more often than its corners)."""
-    border = _median(_border(grey))
+    half its border. Then three quarters of the border on one side of the middle decide,
+    or a surface of light that fits it, or else the four corners (strokes reach the sides of
+    a digit's box more often than its corners)."""
+    edge = _border(grey)
+    border = _median(edge)
     low, high = float(grey.min()), float(grey.max())
     middle = (low + high) / 2
     if abs(border - middle) >= HALF_INK_BORDER * (high - low):
         return border > 0.5
+    # Three quarters of the border on one side is paper with a few lines or marks on it (a page
+    # in dim light), not a digit's strokes along half of it. In a large image the band a few
+    # lines' widths deep is counted: a photo may be cropped along a page's lines.
+    if min(grey.shape) >= MIN_SIDE_FOR_RULES:
+        depth = 2 * _rule_width(min(grey.shape))
+        band = np.ones(grey.shape, bool)
+        band[depth:-depth, depth:-depth] = False
+        edge = grey[band]
+    quarter = edge.size // 4
+    low_q, high_q = np.partition(edge, (quarter, edge.size - 1 - quarter))[[quarter, -1 - quarter]]
+    if low_q > middle or high_q < middle:
+        return bool(low_q > middle)
     if _one_surface(grey, high - low):  # no ink on the border, only uneven light
         return border > middle
     return _median(grey[[0, 0, -1, -1], [0, -1, 0, -1]]) > middle
