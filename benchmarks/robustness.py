@@ -17,9 +17,10 @@ Parts of the development set (each a folder laid out for `cnnmnist evaluate --im
 
 Nothing comes from the MNIST test images. The set is seeded: every run renders the same images.
 For each checkpoint the script runs `cnnmnist evaluate CKPT --images PART --json` per part and
-`cnnmnist evaluate CKPT --corruptions --json`, then writes benchmarks/results/robustness.json
-and prints a Markdown table (kept in docs/robustness.md) whose accuracy counts an image read
-as no digit at all (blank after preprocessing) as a mistake.
+`cnnmnist evaluate CKPT --corruptions --json`, then writes the checkpoints' rows into
+benchmarks/results/robustness.json (other checkpoints' rows stay, and the command is added to
+those recorded) and prints a Markdown table (kept in docs/robustness.md) whose accuracy counts
+an image read as no digit at all (blank after preprocessing) as a mistake.
 """
 
 from __future__ import annotations
@@ -439,20 +440,20 @@ def main() -> None:
         print(f"measured {ckpt}", file=sys.stderr)
     command = " ".join(["python benchmarks/robustness.py", *sys.argv[1:]])
     devset = {"seed": SEED, "images": counts, "fonts": len(fonts())}
-    if every:
-        record = {"command": command, "devset": devset, "checkpoints": rows}
-    else:
-        record = json.loads(args.out.read_text())
-        earlier = {row["checkpoint"]: row for row in record["checkpoints"]}
-        if missing := [r["checkpoint"] for r in rows if r["checkpoint"] not in earlier]:
-            raise SystemExit(f"{args.out} has no row for {', '.join(missing)}: measure every part")
-        for row in rows:
+    record = json.loads(args.out.read_text()) if args.out.exists() else {"command": []}
+    earlier = {row["checkpoint"]: row for row in record.get("checkpoints", [])}
+    if not every and (missing := [r["checkpoint"] for r in rows if r["checkpoint"] not in earlier]):
+        raise SystemExit(f"{args.out} has no row for {', '.join(missing)}: measure every part")
+    for row in rows:  # other checkpoints' rows stay; these checkpoints' are replaced or updated
+        if every:
+            earlier[row["checkpoint"]] = row
+        else:
             earlier[row["checkpoint"]]["parts"].update(row["parts"])
-        commands = record["command"]
-        commands = commands if isinstance(commands, list) else [commands]
-        record["command"] = commands if command in commands else [*commands, command]
-        record["devset"] = devset
-        rows = record["checkpoints"]
+    commands = record["command"]
+    commands = commands if isinstance(commands, list) else [commands]
+    record["command"] = commands if command in commands else [*commands, command]
+    record["devset"] = devset
+    record["checkpoints"] = rows = list(earlier.values())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(table(rows))
