@@ -540,12 +540,14 @@ def to_mnist(ink: np.ndarray) -> tuple[np.ndarray, list[str]]:
     scale = BOX / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if size != (w, h):
-        resample = Image.BOX if scale < 1 else Image.BILINEAR  # area-average when shrinking
+        # Area-average when shrinking; when enlarging, Lanczos, which blurs less than bilinear.
+        resample = Image.BOX if scale < 1 else Image.LANCZOS
         crop = np.asarray(Image.fromarray(crop, mode="F").resize(size, resample=resample))
         if scale > 1:
             # Enlarging a digit of a few pixels smears each into a ramp; MNIST's digits were
             # written large and have steep edges. A contrast curve restores them (measured on
-            # 8x8 scans by other writers: benchmarks/robustness.py).
+            # 8x8 scans by other writers: benchmarks/robustness.py); it also clips Lanczos's
+            # ringing.
             crop = np.clip((crop - UPSCALE_CURVE[0]) / (UPSCALE_CURVE[1] - UPSCALE_CURVE[0]), 0, 1)
     crop = _thin(crop)
     if not crop.any():  # faint specks the contrast curve took for the ink's blurred edge
