@@ -451,6 +451,8 @@ def main() -> None:
             earlier[row["checkpoint"]]["parts"].update(row["parts"])
     commands = record["command"]
     commands = commands if isinstance(commands, list) else [commands]
+    if every and set(earlier) == {row["checkpoint"] for row in rows}:
+        commands = []  # every row is this run's
     record["command"] = commands if command in commands else [*commands, command]
     record["devset"] = devset
     record["checkpoints"] = rows = list(earlier.values())
