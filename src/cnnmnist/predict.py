@@ -32,6 +32,7 @@ RULE_FRINGE = 0.3  # a row beside a line with this share of ink is its blurred e
 TOUCH = 2  # rows beside a line near an edge that a stroke joining it (a foot, a bar) fills
 RULE_TRIM = 0.005  # the share of the digit's pixels at each end of its extent taken as strays
 MAX_RULE_LEVEL = 0.15  # lines are traced at this ink level at most, however noisy the paper
+LINE_STEP = 0.05  # a side of the border this much darker than the paper just inside: a line
 HALF_INK_BORDER = 0.25  # a border median this near the middle of the image's range: half ink
 ONE_SURFACE = 0.05  # ... unless a surface of light fits the border this closely (of the range)
 BOX = 20  # MNIST digits fit a 20 x 20 box ...
@@ -440,16 +441,16 @@ def _grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return ys / shape[0] - 0.5, xs / shape[1] - 0.5
 
 
-def _fit_light(image: np.ndarray, terms: int, tight: bool = False):
-    """A surface of light with `terms` terms fitted to the image's border, three times, each
-    without the border pixels the last fit took for ink: its coefficients, the residuals'
-    spread and the border's residuals. `tight`: the border is mostly ink, so the first refit
-    keeps only the pixels under the surface."""
+def _fit_light(image: np.ndarray, terms: int, tight: bool = False, ring=_border):
+    """A surface of light with `terms` terms fitted to the image's border (`ring` picks its
+    pixels from an image), three times, each without the border pixels the last fit took
+    for ink: its coefficients, the residuals' spread and the border's residuals. `tight`:
+    the border is mostly ink, so the first refit keeps only the pixels under the surface."""
     along = np.stack(
-        [_border(np.broadcast_to(t, image.shape)) for t in _lighting(*_grid(image.shape), terms)],
+        [ring(np.broadcast_to(t, image.shape)) for t in _lighting(*_grid(image.shape), terms)],
         axis=1,
     )
-    values = _border(image)
+    values = ring(image)
     keep = np.ones(len(values), bool)
     for step in range(3):
         fit, *_ = np.linalg.lstsq(along[keep], values[keep], rcond=None)
@@ -493,14 +494,38 @@ def _border_level(ink: np.ndarray, tight: bool = False) -> tuple[np.ndarray, flo
         sigma = 1.4826 * _median(np.abs(border - median))
         level = np.partition(border, border.size // 10)[border.size // 10] if tight else median
         return np.full_like(ink, level), float(sigma)
-    fit, sigma, _ = _fit_light(ink, PLANE, tight)
+    ring = _border if tight else _paper_ring(ink)
+    fit, sigma, _ = _fit_light(ink, PLANE, tight, ring)
     if sigma > INK_FLOOR and not tight:
         # Light falling off towards the corners is no plane: a bowl may fit it better.
-        bowl, bowl_sigma, _ = _fit_light(ink, BOWL)
+        bowl, bowl_sigma, _ = _fit_light(ink, BOWL, ring=ring)
         if bowl_sigma < sigma / 2:
             fit, sigma = bowl, bowl_sigma
     ys, xs = _grid(ink.shape)
     return sum(c * t for c, t in zip(fit, _lighting(ys, xs, len(fit)), strict=True)), sigma
+
+
+def _paper_ring(ink: np.ndarray):
+    """What `_fit_light` takes the paper's light from: the border, except that a side along
+    which a page's line runs (a photo cropped along it) is taken from the row or column, up
+    to two lines' widths deeper, with the least ink. A line along a side would tilt the
+    surface towards it and hide the lines on the far side."""
+    if min(ink.shape) < MIN_SIDE_FOR_RULES:
+        return _border
+    reach = 2 * _rule_width(min(ink.shape)) + 1
+    depths = []
+    for side in (ink, ink[::-1], ink.T, ink.T[::-1]):  # top, bottom, left, right
+        medians = [_median(side[d]) for d in range(reach)]
+        deepest = int(np.argmin(medians))
+        depths.append(deepest if medians[0] - medians[deepest] > LINE_STEP else 0)
+    if not any(depths):
+        return _border
+    top, bottom, left, right = depths
+
+    def ring(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a[top], a[-1 - bottom], a[:, left], a[:, -1 - right]])
+
+    return ring
 
 
 def _specks(mask: np.ndarray) -> int:
