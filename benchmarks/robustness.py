@@ -427,23 +427,23 @@ def main() -> None:
     args = parser.parse_args()
     if unknown := set(args.parts) - set(PARTS):
         parser.error(f"no part {', '.join(sorted(unknown))}; the parts are {', '.join(PARTS)}")
+    every = set(args.parts) == set(PARTS)
+    record = json.loads(args.out.read_text()) if args.out.exists() else {"command": []}
+    earlier = {row["checkpoint"]: row for row in record.get("checkpoints", [])}
+    if not every and (missing := [str(c) for c in args.checkpoints if str(c) not in earlier]):
+        parser.error(f"{args.out} has no row for {', '.join(missing)}: measure every part")
     started = time.perf_counter()
     counts = render(args.devset)
     print(
         f"rendered {counts} into {args.devset} in {time.perf_counter() - started:.0f} s",
         file=sys.stderr,
     )
-    every = set(args.parts) == set(PARTS)
     rows = []
     for ckpt in args.checkpoints:
         rows.append(measure(ckpt, args.devset, args.parts, corruptions=every))
         print(f"measured {ckpt}", file=sys.stderr)
     command = " ".join(["python benchmarks/robustness.py", *sys.argv[1:]])
     devset = {"seed": SEED, "images": counts, "fonts": len(fonts())}
-    record = json.loads(args.out.read_text()) if args.out.exists() else {"command": []}
-    earlier = {row["checkpoint"]: row for row in record.get("checkpoints", [])}
-    if not every and (missing := [r["checkpoint"] for r in rows if r["checkpoint"] not in earlier]):
-        raise SystemExit(f"{args.out} has no row for {', '.join(missing)}: measure every part")
     for row in rows:  # other checkpoints' rows stay; these checkpoints' are replaced or updated
         if every:
             earlier[row["checkpoint"]] = row
