@@ -269,15 +269,20 @@ def _without_exif(image) -> bytes:
     return blob.getvalue()
 
 
+def _digit_ink(digit: np.ndarray, size: int, side: int) -> np.ndarray:
+    """An MNIST digit enlarged to `side` px in the middle of a `size`-px square: ink in [0, 1]."""
+    at = (size - side) // 2
+    ink = np.zeros((size, size))
+    ink[at : at + side, at : at + side] = (
+        np.asarray(Image.fromarray(digit).resize((side, side), Image.BILINEAR)) / 255
+    )
+    return ink
+
+
 def _on_paper(digit: np.ndarray, paper: np.ndarray, pen: float, side: int, noise: float = 0.0):
     """An MNIST digit enlarged to `side` px, in ink of grey level `pen`, in the middle of
     `paper` (grey levels), with sensor noise of `noise` grey levels: a PNG."""
-    size = paper.shape[0]
-    at = (size - side) // 2
-    mask = np.zeros(paper.shape)
-    mask[at : at + side, at : at + side] = (
-        np.asarray(Image.fromarray(digit).resize((side, side), Image.BILINEAR)) / 255
-    )
+    mask = _digit_ink(digit, paper.shape[0], side)
     photo = paper * (1 - mask) + pen * mask + np.random.default_rng(0).normal(0, noise, paper.shape)
     blob = io.BytesIO()
     Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(blob, format="PNG")
@@ -520,8 +525,7 @@ def test_a_line_near_the_edge_under_the_digit_is_removed(mnist, gap):
     """A digit written `gap` px above a ruled line that lies near the image's bottom edge:
     closer than the margin a digit keeps from such a line, but not touching it."""
     for digit in mnist.test_images[:12]:
-        ink = np.zeros((300, 300))
-        ink[66:234, 66:234] = np.asarray(Image.fromarray(digit).resize((168, 168))) / 255
+        ink = _digit_ink(digit, 300, 168)
         below = np.flatnonzero((ink > 0.5).any(axis=1))[-1] + gap
         ink = ink[: below + 10]
         lined = ink.copy()
@@ -567,9 +571,7 @@ def test_a_dim_page_cropped_along_its_lines_is_read_as_paper(mnist, edges, towar
 def test_a_lines_end_along_the_edge_does_not_keep_the_page_lined(mnist):
     """What is left of a line along the edge is not traced as a line, and stretched the
     digit's extent to the edge, so that no line seemed to pass the digit: all stayed."""
-    ink = np.zeros((400, 400))
-    ink[100:300, 100:300] = np.asarray(Image.fromarray(mnist.test_images[0]).resize((200, 200)))
-    ink /= 255
+    ink = _digit_ink(mnist.test_images[0], 400, 200)
     digit = ink.copy()
     for at in range(20, 400, 40):
         ink[at : at + 2] = np.maximum(ink[at : at + 2], 0.6)

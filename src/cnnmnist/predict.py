@@ -163,12 +163,16 @@ def _border(a: np.ndarray) -> np.ndarray:
 def _median(values: np.ndarray) -> float:
     """The median of a non-empty array. np.median's first call imports numpy.ma, a cost that
     every `predict` would pay at start-up."""
-    values = np.ravel(values)
-    middle = values.size // 2
-    if values.size % 2:
-        return float(np.partition(values, middle)[middle])
-    low, high = np.partition(values, (middle - 1, middle))[middle - 1 : middle + 1]
-    return float(low + high) / 2
+    return float(_row_medians(np.ravel(values)[None, :])[0])
+
+
+def _row_medians(rows: np.ndarray) -> np.ndarray:
+    """The median of each row of a 2-D array (see `_median`)."""
+    middle = rows.shape[1] // 2
+    if rows.shape[1] % 2:
+        return np.partition(rows, middle, axis=1)[:, middle]
+    part = np.partition(rows, (middle - 1, middle), axis=1)
+    return (part[:, middle - 1] + part[:, middle]) / 2
 
 
 def ink_map(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
@@ -275,6 +279,12 @@ def _rule_width(size: int) -> int:
     return max(2, size // 40)
 
 
+def _inner_depth(shape: tuple[int, int]) -> int:
+    """How deep inside the border the paper is looked for where a page's lines may run along
+    the edges: two lines' widths."""
+    return 2 * _rule_width(min(shape))
+
+
 def _along(top: int, shift: np.ndarray, offsets, shape: tuple[int, int]):
     """(rows, cols) of the rows `offsets` from a ruled line's top, following its slope; and
     for each, whether it is inside the image."""
@@ -335,14 +345,15 @@ def _without_slivers(ink: np.ndarray, level: float) -> np.ndarray:
     tight has its own bars there)."""
     if min(ink.shape) < MIN_SIDE_FOR_RULES:
         return ink
-    rest = _peeled(ink > level)
-    if not rest.any() or np.array_equal(rest, ink > level):
+    mask = ink > level
+    rest = _peeled(mask)
+    if not rest.any() or np.array_equal(rest, mask):
         return ink
     for along, n in zip((rest.any(axis=1), rest.any(axis=0)), ink.shape, strict=True):
         at = np.flatnonzero(along)
         if at[0] < RULE_MARGIN * n or at[-1] >= (1 - RULE_MARGIN) * n:
             return ink
-    return np.where(rest | (ink <= level), ink, 0.0)
+    return np.where(mask & ~rest, 0.0, ink)
 
 
 def _peeled(mask: np.ndarray) -> np.ndarray:
@@ -357,8 +368,10 @@ def _peeled(mask: np.ndarray) -> np.ndarray:
         for turned, flip in ((False, False), (False, True), (True, False), (True, True)):
             view = rest.T if turned else rest
             rows = view[::-1] if flip else view
+            if not rows[0].any():  # most images: no ink on the edge
+                continue
             has = rows.any(axis=1)
-            if not has[0] or has.all():
+            if has.all():
                 continue
             gap = int(np.argmin(has))
             thick = _rule_width(rows.shape[0]) + 1
@@ -411,7 +424,7 @@ def _light_paper(grey: np.ndarray) -> bool:
     # in dim light), not a digit's strokes along half of it. In a large image the band a few
     # lines' widths deep is counted: a photo may be cropped along a page's lines.
     if min(grey.shape) >= MIN_SIDE_FOR_RULES:
-        depth = 2 * _rule_width(min(grey.shape))
+        depth = _inner_depth(grey.shape)
         band = np.ones(grey.shape, bool)
         band[depth:-depth, depth:-depth] = False
         edge = grey[band]
@@ -512,10 +525,10 @@ def _paper_ring(ink: np.ndarray):
     surface towards it and hide the lines on the far side."""
     if min(ink.shape) < MIN_SIDE_FOR_RULES:
         return _border
-    reach = 2 * _rule_width(min(ink.shape)) + 1
+    reach = _inner_depth(ink.shape) + 1
     depths = []
     for side in (ink, ink[::-1], ink.T, ink.T[::-1]):  # top, bottom, left, right
-        medians = [_median(side[d]) for d in range(reach)]
+        medians = _row_medians(side[:reach])
         deepest = int(np.argmin(medians))
         depths.append(deepest if medians[0] - medians[deepest] > LINE_STEP else 0)
     if not any(depths):
