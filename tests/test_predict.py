@@ -616,6 +616,18 @@ def test_a_thin_digits_own_bars_are_not_ruled_lines(strokes, margin, turn):
     assert np.array_equal(P._without_slivers(ink, P.INK_FLOOR), ink)
 
 
+@pytest.mark.parametrize("side", [32, 64])
+@pytest.mark.parametrize("level", [1, 128, 254])
+def test_a_uniform_grey_image_is_blank_not_a_crash(side, level):
+    """One grey level all over (found by Hypothesis): the light fitted to the border of a
+    digit cropped tight kept only pixels under it, and rounding left none."""
+    blob = io.BytesIO()
+    Image.fromarray(np.full((side, side), level, np.uint8)).save(blob, format="PNG")
+    prepared = P.prepare("grey.png", blob.getvalue())
+    assert prepared.error is None and not prepared.pixels.any()
+    assert prepared.warnings == ["no ink found: the image looks blank"]
+
+
 def test_a_faint_image_the_contrast_curve_empties_is_blank():
     """A small faint image whose enlarged ink the contrast curve takes entirely for blur
     (found by Hypothesis): it divided by the digit's zero mass."""

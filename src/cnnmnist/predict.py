@@ -469,7 +469,9 @@ def _fit_light(image: np.ndarray, terms: int, tight: bool = False, ring=_border)
         fit, *_ = np.linalg.lstsq(along[keep], values[keep], rcond=None)
         residual = values - along @ fit
         sigma = 1.4826 * _median(np.abs(residual[keep]))
-        clip = 0.0 if tight and step == 0 else max(3 * sigma, 1e-9)
+        # Never below rounding: a border of one grey level leaves residuals of 1e-17 or so,
+        # all of which a clip at 0 would drop, leaving nothing to fit.
+        clip = max(0.0 if tight and step == 0 else 3 * sigma, 1e-9)
         keep = residual <= clip  # ink is brighter than paper, never darker
     return fit, float(sigma), residual
 
