@@ -172,7 +172,7 @@ def main() -> None:
 
     flags = sorted(cpu_flags() & (NATIVE_BF16 | {"avx2", "avx512f"}))
     fast_record = {
-        "command": "python benchmarks/wallclock.py --precision " + args.precision,
+        "command": " ".join(["python benchmarks/wallclock.py", *sys.argv[1:]]),  # as run
         "precision_path": path,
         "cpu_flags": flags,
         "runs": fast,
