@@ -30,6 +30,7 @@ NPZ_KEYS = {
     "test_images": "x_test",
     "test_labels": "y_test",
 }
+DIGITS = tuple(str(d) for d in range(10))
 MAX_DECOMPRESSED = 256 * 2**20  # far above MNIST's 47 MB: refuse gzip bombs
 
 
@@ -42,7 +43,7 @@ class DatasetSpec:
     mirrors: tuple[str, ...]  # base URLs serving STEM.gz
     gz_md5: dict[str, str] = field(default_factory=dict)  # what those mirrors serve
     system_dirs: tuple[str, ...] = ()
-    classes: tuple[str, ...] = tuple(str(d) for d in range(10))
+    classes: tuple[str, ...] = DIGITS
 
 
 SPECS = {

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnmnist import __version__, checkpoint, data, distribute, runtime
+from cnnmnist import __version__, checkpoint, data, distribute, runtime, styles
 from cnnmnist import resume as resume_state
 from cnnmnist.errors import CheckpointError, CnnmnistError, Interrupted, UsageError
 from cnnmnist.presets import Preset
@@ -210,13 +210,14 @@ def train(
     engine = distribute.strategy(options.strategy, options.devices)  # before any other op
     policy = runtime.precision_policy(recipe.precision)
     with runtime.global_policy(policy):
-        x_train, y_train = training_split(ds, recipe)
+        x_train, y_train, flagged = training_split(ds, recipe)
         net, history = fit(recipe, state, where, engine, x_train, y_train, ds, options)
         try:  # Ctrl-C from here on: every epoch is saved, --resume writes the checkpoint
             served = served_model(net, recipe, engine, x_train)
             test_loss, test_accuracy = evaluate(served, ds)
             warnings = sanity_warnings(test_accuracy, history)
             meta = metadata(recipe, ds, len(x_train), history, policy, engine, role, started)
+            meta["dataset"]["flagged_ones"] = flagged
             meta |= {
                 "test": {"accuracy": test_accuracy, "loss": test_loss, "n": len(ds.test_labels)}
             }
@@ -249,12 +250,17 @@ def train(
     )
 
 
-def training_split(ds, recipe: Preset) -> tuple[np.ndarray, np.ndarray]:
-    """The images the recipe trains on: after the validation ones, the first train_size."""
+def training_split(ds, recipe: Preset) -> tuple[np.ndarray, np.ndarray, int]:
+    """The images the recipe trains on (after the validation ones, the first train_size),
+    their labels, and how many of its 1s were given a flag (digits only: on another dataset
+    label 1 is something else)."""
     x, y = ds.split("train", recipe.validation_size)
     if recipe.train_size:
         x, y = x[: recipe.train_size], y[: recipe.train_size]
-    return x, y
+    if data.spec(ds.name).classes != data.DIGITS:
+        return x, y, 0
+    x, flagged = styles.with_flagged_ones(x, y, recipe.flagged_ones, recipe.seed)
+    return x, y, flagged
 
 
 def fit(recipe, state, where: Destination, engine, x_train, y_train, ds, options: Options):
