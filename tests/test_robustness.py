@@ -191,6 +191,40 @@ def test_user_like_augmentation_trains_on_degraded_digits_and_serves_them_as_giv
     assert type(layer).from_config(config).get_config() == config  # model.keras reloads it
 
 
+def test_marks_augmentation_draws_each_kind_of_mark_on_its_share_and_serves_as_given(mnist):
+    import keras
+
+    from cnnmnist import model
+
+    layer = model.marks()(rate=0.4, seed=5)
+    images = mnist.test_images[:400].reshape(-1, 28, 28, 1).astype("float32") / 255
+    marked = keras.ops.convert_to_numpy(layer(images, training=True))
+    assert np.array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
+    assert marked.min() >= 0 and marked.max() <= 1
+    changed = np.abs(marked - images).max(axis=(1, 2, 3)) > 1e-3
+    assert not changed[:240].any() and changed[240:].mean() > 0.95  # the last 40%, no other
+    before, after = images[240:, ..., 0], marked[240:, ..., 0]
+    specks, stroke, outline, band = (slice(k * 40, (k + 1) * 40) for k in range(4))
+    # Specks: scattered single pixels, on the paper as well as on the ink.
+    flipped = np.abs(after - before) > 0.5
+    assert ((before < 0.1) & flipped)[specks].mean() > 0.01
+    # A stroke adds ink and takes none away.
+    assert (after[stroke] >= before[stroke] - 1e-6).all()
+    assert ((after - before)[stroke] > 0.5).sum(axis=(1, 2)).min() >= 5
+    # An outline: the ink's core is gone, a ring outside it is new.
+    core, ring = before[outline] > 0.9, after[outline] > 0.5
+    assert (core & ring).sum() < 0.05 * core.sum() and (ring & (before[outline] < 0.1)).any()
+    # A band: what changed lies in 2-6 adjacent rows or columns.
+    moved = np.abs(after[band] - before[band]) > 1e-6
+    assert moved.any(axis=(1, 2)).mean() > 0.8  # erasing paper or inverting no ink is no change
+    for m in moved[moved.any(axis=(1, 2))]:
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        span = min(np.ptp(rows), np.ptp(cols)) + 1
+        assert span <= 6, (rows, cols)
+    config = layer.get_config()
+    assert type(layer).from_config(config).get_config() == config  # model.keras reloads it
+
+
 @pytest.mark.parametrize("side", [9, 12, 15])
 def test_user_like_low_resolution_is_tensorflows_antialiased_resize(side):
     """The augmentation's low resolution is a pair of matrices (XLA compiles those), equal to

@@ -162,6 +162,7 @@ def _best(x):
     x = layers.RandomRotation(10 / 360, fill_mode="constant", dtype="float32", name="rotate")(x)
     x = layers.RandomTranslation(0.1, 0.1, fill_mode="constant", dtype="float32", name="shift")(x)
     x = layers.RandomZoom(0.1, fill_mode="constant", dtype="float32", name="zoom")(x)
+    x = marks()(dtype="float32", name="marks")(x)  # last, so specks and lines stay sharp
     # Strides, not max pooling, halve the resolution, and the first layer is `fast`'s: a 3x3
     # convolution at 28x28 and the pooling after each pair made a step on a CPU without
     # native bfloat16 about twice as long, which kept a run over 20 minutes there. How the
@@ -232,6 +233,86 @@ def user_like() -> type:
             return super().get_config() | {"rate": self.rate, "seed": self.seed}
 
     return UserLike
+
+
+@functools.cache
+def marks() -> type:
+    """A training-time layer that shows the network digits with marks that are not the
+    digit: a share `rate` of each batch (its last images, so not those `user_like` changed),
+    split evenly, with specks of dust or sensor noise (2-15% of the pixels black or white), a
+    pen stroke or a page's line across (straight at any angle, 1-2.5 px, solid or dashed),
+    only the outlines of the strokes (a ring 1 or 2 px wide: an outline font, an edge
+    detector), or a band 2-6 px wide along the rows or the columns that is erased, filled or
+    inverted (a fold, a strip of tape, a shadow). Preprocessing takes a line or a band that
+    crosses the digit for part of it; the network learns to read past them. Inactive at
+    inference. Registered so model.keras reloads."""
+    import keras
+    import numpy as np
+    from keras import ops
+
+    centred = np.arange(INPUT_SHAPE[0], dtype=np.float32) - (INPUT_SHAPE[0] - 1) / 2
+    rows = centred.reshape(1, -1, 1, 1)
+    cols = centred.reshape(1, 1, -1, 1)
+
+    def per_image(x, low, high, seed):
+        return keras.random.uniform((ops.shape(x)[0], 1, 1, 1), low, high, seed=seed)
+
+    def specks(x, seed):
+        share = per_image(x, 0.02, 0.15, seed)
+        hit = keras.random.uniform(ops.shape(x), seed=seed) < share
+        white = keras.random.uniform(ops.shape(x), seed=seed) < 0.5
+        return ops.where(hit, ops.cast(white, x.dtype), x)
+
+    def stroke(x, seed):
+        angle = per_image(x, 0.0, np.pi, seed)
+        across = cols * ops.cos(angle) + rows * ops.sin(angle) - per_image(x, -9, 9, seed)
+        along = rows * ops.cos(angle) - cols * ops.sin(angle)
+        line = ops.clip(per_image(x, 0.5, 1.25, seed) + 0.5 - ops.abs(across), 0.0, 1.0)
+        period = per_image(x, 2.5, 4.0, seed)
+        gap = ops.mod(along + 14.0, period) >= period / 2
+        dashed = per_image(x, 0.0, 1.0, seed) < 0.5
+        return ops.maximum(x, ops.where(dashed & gap, 0.0, line))
+
+    def outline(x, seed):
+        once = ops.max_pool(x, 3, strides=1, padding="same")  # strokes dilated
+        twice = ops.max_pool(once, 3, strides=1, padding="same")
+        wider = ops.where(per_image(x, 0.0, 1.0, seed) < 0.5, once, twice)
+        return ops.cast(wider - x > 0.5, x.dtype)  # a ring 1 or 2 px wide around each stroke
+
+    def band(x, seed):
+        start = per_image(x, -8, 6, seed)
+        width = ops.floor(per_image(x, 2, 7, seed))  # whole rows or columns
+        position = ops.where(per_image(x, 0.0, 1.0, seed) < 0.5, rows, cols)
+        inside = (position > start) & (position < start + width)
+        kind = per_image(x, 0.0, 3.0, seed)
+        covered = ops.where(kind < 1, 0.0, ops.where(kind < 2, 1.0, 1.0 - x))
+        return ops.where(inside, covered, x)
+
+    variants = (specks, stroke, outline, band)
+
+    @keras.saving.register_keras_serializable(package="cnnmnist")
+    class Marks(keras.layers.Layer):
+        def __init__(self, rate: float = 0.15, seed: int | None = None, **kwargs):
+            super().__init__(**kwargs)
+            self.rate, self.seed = rate, seed
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+        def call(self, x, training=None):
+            if not training:
+                return x
+            size = ops.shape(x)[0]
+            each = ops.cast(ops.cast(size, "float32") * (self.rate / len(variants)), "int32")
+            first = size - len(variants) * each
+            parts = [
+                variant(x[first + k * each : first + (k + 1) * each], self.seed_generator)
+                for k, variant in enumerate(variants)
+            ]
+            return ops.concatenate([x[:first], *parts], axis=0)
+
+        def get_config(self):
+            return super().get_config() | {"rate": self.rate, "seed": self.seed}
+
+    return Marks
 
 
 @functools.cache

@@ -129,9 +129,10 @@ def restore(out: Path, state: dict[str, Any]):
     """The model (weights, optimizer, dropout RNG) as it was at the end of the recorded epoch."""
     import keras
 
-    from cnnmnist.model import stretch, tf1_rmsprop, user_like
+    from cnnmnist.model import marks, stretch, tf1_rmsprop, user_like
 
-    tf1_rmsprop(), user_like(), stretch()  # register the custom classes before Keras looks them up
+    for register in (tf1_rmsprop, user_like, marks, stretch):
+        register()  # the custom classes, before Keras looks them up
     path = partial_dir(out) / state["model"]
     try:
         model = keras.saving.load_model(path)
