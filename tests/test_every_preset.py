@@ -79,6 +79,9 @@ def test_every_preset_on_one_device(name, tmp_path, mnist_dir):
     )
     assert result.exit_code == 0, result.output
     assert_serves_what_it_learned(json.loads(result.stdout), out)
+    # The record says how many training 1s were given a flag: some, if the recipe asks.
+    flagged = json.loads((out / "cnnmnist.json").read_text())["dataset"]["flagged_ones"]
+    assert (flagged > 0) == (presets.get(name).flagged_ones > 0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -157,6 +160,8 @@ def test_presets_train_on_fashion_mnist(name, tmp_path, fashion_mnist_dir):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert json.loads((out / "cnnmnist.json").read_text())["dataset"]["name"] == "fashion-mnist"
+    dataset = json.loads((out / "cnnmnist.json").read_text())["dataset"]
+    assert dataset["name"] == "fashion-mnist"
+    assert dataset["flagged_ones"] == 0  # label 1 is a trouser there
     # Clothes are harder than digits: 30 steps reach about 70% here; chance is 10%.
     assert report["test_accuracy"] > 0.5 and report["warnings"] == []
