@@ -69,8 +69,8 @@ def flagged_one(image: np.ndarray, rng: np.random.Generator) -> np.ndarray | Non
 def with_flagged_ones(
     images: np.ndarray, labels: np.ndarray, share: float, seed: int
 ) -> tuple[np.ndarray, int]:
-    """A copy of the images with `share` of the 1s picked (by seed) and flagged where they
-    can be, and how many were."""
+    """The images with `share` of the 1s picked (by seed) and flagged where they can be (a
+    copy: the arrays given are left alone), and how many were."""
     if not share:
         return images, 0
     rng = np.random.default_rng([seed, 1])  # its own stream: the seed's others stay as they were
