@@ -204,7 +204,7 @@ def test_marks_augmentation_draws_each_kind_of_mark_on_its_share_and_serves_as_g
     changed = np.abs(marked - images).max(axis=(1, 2, 3)) > 1e-3
     assert not changed[:240].any() and changed[240:].mean() > 0.95  # the last 40%, no other
     before, after = images[240:, ..., 0], marked[240:, ..., 0]
-    specks, stroke, outline, band, moved = (slice(k * 32, (k + 1) * 32) for k in range(5))
+    specks, stroke, outline, band = (slice(k * 40, (k + 1) * 40) for k in range(4))
     # Specks: scattered single pixels, on the paper as well as on the ink.
     flipped = np.abs(after - before) > 0.5
     assert ((before < 0.1) & flipped)[specks].mean() > 0.01
@@ -215,25 +215,12 @@ def test_marks_augmentation_draws_each_kind_of_mark_on_its_share_and_serves_as_g
     core, ring = before[outline] > 0.9, after[outline] > 0.5
     assert (core & ring).sum() < 0.05 * core.sum() and (ring & (before[outline] < 0.1)).any()
     # A band: what changed lies in 2-6 adjacent rows or columns.
-    moved_pixels = np.abs(after[band] - before[band]) > 1e-6
-    assert moved_pixels.any(axis=(1, 2)).mean() > 0.8  # erasing paper or inverting no ink
-    for m in moved_pixels[moved_pixels.any(axis=(1, 2))]:
+    moved = np.abs(after[band] - before[band]) > 1e-6
+    assert moved.any(axis=(1, 2)).mean() > 0.8  # erasing paper or inverting no ink is no change
+    for m in moved[moved.any(axis=(1, 2))]:
         rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
         span = min(np.ptp(rows), np.ptp(cols)) + 1
         assert span <= 6, (rows, cols)
-    # Moved: the digit itself, 3-6 pixels along each axis, with paper coming in behind it.
-    shifts = set()
-    for digit, seen in zip(before[moved], after[moved], strict=True):
-        framed = np.pad(digit, 6)
-        found = [
-            (dy, dx)
-            for dy in range(-6, 7)
-            for dx in range(-6, 7)
-            if np.array_equal(seen, framed[6 - dy : 34 - dy, 6 - dx : 34 - dx])
-        ]
-        assert found and all(3 <= abs(d) <= 6 for d in found[0]), found
-        shifts.add(found[0])
-    assert len(shifts) > 8  # each image its own way
     config = layer.get_config()
     assert type(layer).from_config(config).get_config() == config  # model.keras reloads it
 

@@ -244,10 +244,8 @@ def marks() -> type:
     only the outlines of the strokes (a ring 1 or 2 px wide: an outline font, an edge
     detector), or a band 2-6 px wide along the rows or the columns that is erased, filled or
     inverted (a fold, a strip of tape, a shadow). Preprocessing takes a line or a band that
-    crosses the digit for part of it; the network learns to read past them. Seeing marks
-    anywhere and digits only near the middle, it had learnt to read a digit off the middle
-    worse, so an equal share shows the digit moved 3-6 pixels each way (as a client that
-    sends raw pixels may). Inactive at inference. Registered so model.keras reloads."""
+    crosses the digit for part of it; the network learns to read past them. Inactive at
+    inference. Registered so model.keras reloads."""
     import keras
     import numpy as np
     from keras import ops
@@ -290,23 +288,11 @@ def marks() -> type:
         covered = ops.where(kind < 1, 0.0, ops.where(kind < 2, 1.0, 1.0 - x))
         return ops.where(inside, covered, x)
 
-    def moved(x, seed):
-        # 3-6 pixels along each axis, either way: paper comes in at one side, what leaves at
-        # the other is gone. One 0/1 matrix per image and axis (a product: XLA compiles it).
-        def away(seed):
-            size = ops.floor(per_image(x, 3, 7, seed))
-            return ops.where(per_image(x, 0.0, 1.0, seed) < 0.5, -size, size)[:, :, :, 0]
-
-        index = np.arange(INPUT_SHAPE[0], dtype=np.float32)
-        down = ops.cast(index[:, None] - away(seed) == index[None, :], x.dtype)
-        right = ops.cast(index[:, None] - away(seed) == index[None, :], x.dtype)
-        return ops.einsum("bij,bjkc,blk->bilc", down, x, right)
-
-    variants = (specks, stroke, outline, band, moved)
+    variants = (specks, stroke, outline, band)
 
     @keras.saving.register_keras_serializable(package="cnnmnist")
     class Marks(keras.layers.Layer):
-        def __init__(self, rate: float = 0.1875, seed: int | None = None, **kwargs):
+        def __init__(self, rate: float = 0.15, seed: int | None = None, **kwargs):
             super().__init__(**kwargs)
             self.rate, self.seed = rate, seed
             self.seed_generator = keras.random.SeedGenerator(seed)
