@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-SIDE = 28
+from cnnmnist.model import INPUT_SHAPE
+
+SIDE = INPUT_SHAPE[0]
 MIN_HEIGHT = 8  # rows of ink: a smaller 1 is left as it is
 MAX_SLANT = 0.35  # columns per row (about 20 degrees): a 1 slanted more would look like a 7
 FLAG_ANGLE = (35.0, 65.0)  # degrees below the horizontal: a 7's bar is level, a flag is not

@@ -216,8 +216,9 @@ def train(
             served = served_model(net, recipe, engine, x_train)
             test_loss, test_accuracy = evaluate(served, ds)
             warnings = sanity_warnings(test_accuracy, history)
-            meta = metadata(recipe, ds, len(x_train), history, policy, engine, role, started)
-            meta["dataset"]["flagged_ones"] = flagged
+            meta = metadata(
+                recipe, ds, len(x_train), flagged, history, policy, engine, role, started
+            )
             meta |= {
                 "test": {"accuracy": test_accuracy, "loss": test_loss, "n": len(ds.test_labels)}
             }
@@ -384,7 +385,9 @@ def sanity_warnings(test_accuracy: float, history: list[dict[str, Any]]) -> list
     return []
 
 
-def metadata(recipe, ds, train_size, history, policy, engine, role, started) -> dict[str, Any]:
+def metadata(
+    recipe, ds, train_size, flagged_ones, history, policy, engine, role, started
+) -> dict[str, Any]:
     """What cnnmnist.json records about the run (the test result is added by the caller)."""
     import keras
     import tensorflow as tf
@@ -404,6 +407,7 @@ def metadata(recipe, ds, train_size, history, policy, engine, role, started) -> 
             "source": str(ds.source),
             "checksums": ds.checksums,
             "train_size": train_size,
+            "flagged_ones": flagged_ones,  # training 1s given a flag (styles)
             "validation_size": recipe.validation_size,
             "test_size": len(ds.test_images),
         },
