@@ -303,15 +303,15 @@ def marks() -> type:
         right = ops.cast(index[:, None] - away(seed) == index[None, :], x.dtype)
         return ops.einsum("bij,bjkc,blk->bilc", down, x, right)
 
-    # Each variant and its share of `rate`, in whole units.
+    # Each variant and its weight in `rate`: a kind of mark 2, moved digits 1.
     variants = ((specks, 2), (stroke, 2), (outline, 2), (band, 2), (moved, 1))
     units = sum(weight for _, weight in variants)
 
     @keras.saving.register_keras_serializable(package="cnnmnist")
     class Marks(keras.layers.Layer):
-        # Each mark on about 3.75% of the batch, moved digits on half that: in whole images,
-        # 4 and 2 of a batch of 128.
-        def __init__(self, rate: float = 0.16875, seed: int | None = None, **kwargs):
+        # Each kind of mark on 1 image in 32, moved digits on 1 in 64: 4 and 2 of a batch of
+        # 128, and still 1 of each mark on a replica's 32.
+        def __init__(self, rate: float = 9 / 64, seed: int | None = None, **kwargs):
             super().__init__(**kwargs)
             self.rate, self.seed = rate, seed
             self.seed_generator = keras.random.SeedGenerator(seed)
@@ -320,12 +320,15 @@ def marks() -> type:
             if not training:
                 return x
             size = ops.shape(x)[0]
-            unit = ops.cast(ops.cast(size, "float32") * (self.rate / units), "int32")
-            start = size - units * unit
+            counts = [
+                ops.cast(ops.round(ops.cast(size, "float32") * self.rate * weight / units), "int32")
+                for _, weight in variants
+            ]
+            start = size - sum(counts)
             parts = [x[:start]]
-            for variant, weight in variants:
-                parts.append(variant(x[start : start + weight * unit], self.seed_generator))
-                start = start + weight * unit
+            for (variant, _), count in zip(variants, counts, strict=True):
+                parts.append(variant(x[start : start + count], self.seed_generator))
+                start = start + count
             return ops.concatenate(parts, axis=0)
 
         def get_config(self):
