@@ -235,10 +235,10 @@ def test_marks_augmentation_draws_each_kind_of_mark_on_its_share_and_serves_as_g
     assert type(layer).from_config(config).get_config() == config  # model.keras reloads it
     # The preset's shares: 4 of each mark and 2 moved digits in 128 images, and on a
     # replica's 32 images still one of each mark.
-    for size, marked in ((128, 18), (32, 4)):
+    for size, drawn in ((128, 18), (32, 4)):
         batch = images[:size]
-        changed = np.abs(model.marks()(seed=5)(batch, training=True) - batch).max(axis=(1, 2, 3))
-        assert not (changed[:-marked] > 1e-3).any() and (changed[-marked:] > 1e-3).mean() >= 0.75
+        change = np.abs(model.marks()(seed=5)(batch, training=True) - batch).max(axis=(1, 2, 3))
+        assert not (change[:-drawn] > 1e-3).any() and (change[-drawn:] > 1e-3).mean() >= 0.75
 
 
 @pytest.mark.parametrize("side", [9, 12, 15])

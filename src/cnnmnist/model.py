@@ -243,12 +243,12 @@ def marks() -> type:
     a page's line across (straight at any angle, 1-2.5 px, solid or dashed), only the
     outlines of the strokes (a ring 1 or 2 px wide: an outline font, an edge detector), or a
     band 2-6 px wide along the rows or the columns that is erased, filled or inverted (a
-    fold, a strip of tape, a shadow). Preprocessing takes a line or a band that
-    crosses the digit for part of it; the network learns to read past them. Seeing marks
-    anywhere and digits only near the middle, it learns to read a digit off the middle
-    worse, so half a mark's share shows the digit moved 3-6 pixels each way (as a client
-    that sends raw pixels may; an equal share cost MNIST accuracy). Inactive at inference.
-    Registered so model.keras reloads."""
+    fold, a strip of tape, a shadow). Preprocessing takes a line or a band that crosses the
+    digit for part of it; the network learns to read past them. Seeing marks anywhere and
+    digits only near the middle, it learns to read a digit off the middle worse, so half a
+    mark's share shows the digit moved 3-6 pixels each way (as a client that sends raw
+    pixels may; an equal share cost MNIST accuracy). Inactive at inference. Registered so
+    model.keras reloads."""
     import keras
     import numpy as np
     from keras import ops
