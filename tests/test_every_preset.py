@@ -109,13 +109,18 @@ AUTO = [p.name for p in presets.all_presets() if p.precision == "auto"]
 
 
 @pytest.mark.parametrize("name", AUTO)
-def test_presets_that_pick_their_precision_train_on_the_other_path(name, tmp_path, mnist_dir):
+# float16 is what `auto` picks on a GPU: mixed float16 with loss scaling (on this CPU
+# without XLA; test_precision compiles float16 steps with it).
+@pytest.mark.parametrize("precision", [OTHER_PRECISION, "float16"])
+def test_presets_that_pick_their_precision_train_on_the_other_paths(
+    name, precision, tmp_path, mnist_dir
+):
     out = tmp_path / "ckpt"
-    extra = ("--data-dir", str(mnist_dir), "--precision", OTHER_PRECISION)
+    extra = ("--data-dir", str(mnist_dir), "--precision", precision)
     result = CliRunner().invoke(cli, short_run(presets.get(name), out, *extra, steps=BF16_STEPS))
     assert result.exit_code == 0, result.output
-    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[OTHER_PRECISION]
-    assert json.loads((out / "cnnmnist.json").read_text())["dtype_policy"] == policy
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+    assert json.loads((out / "cnnmnist.json").read_text())["dtype_policy"] == policy[precision]
     assert_serves_what_it_learned(json.loads(result.stdout), out)
 
 
