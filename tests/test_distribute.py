@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cnnmnist import distribute
+from cnnmnist import distribute, presets
 from cnnmnist.cli import cli
 from cnnmnist.errors import UsageError
 
@@ -303,15 +303,19 @@ def test_two_workers_train_the_books_model_like_one_process(tmp_path, mnist_dir)
     assert accuracies[1] > 0.85  # 100 steps of the book's model: 90% here
 
 
-def test_two_workers_train_best(tmp_path, mnist_dir):
-    # Batch norm, augmentation, label smoothing, one-cycle and `auto` precision: 30 steps.
-    args = ["--preset", "best", "--epochs", "1", "--train-size", "3840"]
+@pytest.mark.parametrize("name", ["fast", "best"])
+def test_two_workers_train_the_presets_beyond_the_book(name, tmp_path, mnist_dir):
+    # Batch norm, augmentation, one-cycle and `auto` precision (and for `best` label
+    # smoothing and the marks): 30 steps of the preset's batch, split over the workers.
+    size = str(30 * presets.get(name).batch_size)
+    args = ["--preset", name, "--epochs", "1", "--train-size", size]
     results = _two_workers([*args, "--validation-size", "1000", "--json"], tmp_path)
     for code, _, stderr in results:
         assert code == 0, stderr[-3000:]
     report = json.loads(results[0][1])
     assert report["test_accuracy"] > 0.6 and report["warnings"] == []
-    assert json.loads((tmp_path / "ckpt" / "cnnmnist.json").read_text())["preset"] == "best"
+    meta = json.loads((tmp_path / "ckpt" / "cnnmnist.json").read_text())
+    assert meta["preset"] == name and meta["distribution"]["workers"] == 2
 
 
 def test_a_failing_worker_says_what_failed_and_its_peer_names_it(tmp_path, mnist_dir):
