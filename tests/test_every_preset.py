@@ -124,6 +124,31 @@ def test_presets_that_pick_their_precision_train_on_the_other_paths(
     assert_serves_what_it_learned(json.loads(result.stdout), out)
 
 
+@pytest.mark.parametrize("path", ["mirrored", "float16"])
+def test_clean_epochs_train_on_the_other_paths(path, tmp_path):
+    """`best` with its last epoch through the network without the augmentation (a run
+    file's `clean_epochs`; the one-device run is test_train's): two epochs of 15 steps
+    over two replicas, and in mixed float16."""
+    config = tmp_path / "clean.toml"
+    config.write_text('preset = "best"\nclean_epochs = 1\n')
+    out = tmp_path / "ckpt"
+    args = short_run(presets.get("best"), out, "--config", str(config), steps=15)
+    args[args.index("--epochs") + 1] = "2"
+    if path == "mirrored":
+        command = [sys.executable, str(WORKER), "--logical-cpus", "2"]
+        command += [*args, "--strategy", "mirrored"]
+    else:
+        command = [sys.executable, "-m", "cnnmnist.cli", *args, "--precision", "float16"]
+    done = subprocess.run(
+        command, env={**os.environ, **ONEDNN}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert len(report["history"]) == 2
+    assert json.loads((out / "cnnmnist.json").read_text())["hyperparameters"]["clean_epochs"] == 1
+    assert_serves_what_it_learned(report, out)
+
+
 EVALUATE_MIRRORED = """
 import json, sys
 import numpy as np

@@ -63,6 +63,7 @@ def test_overrides_replace_only_given_fields():
         ({"model": "mlp"}, "cannot override model"),
         ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
         ({"label_smoothing": -0.1}, r"label_smoothing must be in \[0, 1\)"),
+        ({"clean_epochs": -1}, "clean_epochs must be 0 or positive"),
     ],
 )
 def test_bad_overrides_are_usage_errors(change, message):
@@ -170,3 +171,11 @@ def test_given_keeps_what_the_config_says_unless_a_flag_overrides_it():
         "seed": 4,
     }
     assert presets.given("seed", config, epochs=5) == {"preset": "seed", "epochs": 5}
+
+
+def test_clean_epochs_are_the_last_ones_and_never_the_first():
+    best = presets.get("best")
+    assert best.with_overrides(clean_epochs=0).first_clean_epoch == best.epochs  # none
+    assert best.with_overrides(epochs=15, clean_epochs=1).first_clean_epoch == 14
+    assert best.with_overrides(epochs=2, clean_epochs=5).first_clean_epoch == 1
+    assert best.with_overrides(epochs=1, clean_epochs=1).first_clean_epoch == 1  # none: 1 epoch

@@ -87,7 +87,9 @@ class Evaluation:
 
 
 class Loop:
-    """Trains a compiled Keras model under a strategy, `chunk` steps per tf.function call."""
+    """Trains a compiled Keras model under a strategy, `chunk` steps per tf.function call;
+    from epoch `clean_from` on (if given), through `clean`: the same layers without the
+    augmentation (`model.without_augmentation`)."""
 
     def __init__(
         self,
@@ -96,45 +98,55 @@ class Loop:
         global_batch: int,
         chunk: int = CHUNK,
         label_smoothing: float = 0.0,
+        clean=None,
+        clean_from: int | None = None,
     ) -> None:
-        import tensorflow as tf
-
         self.net, self.strategy, self.global_batch, self.chunk = net, strategy, global_batch, chunk
         self.label_smoothing = label_smoothing
         with strategy.scope():
             net.optimizer.build(net.trainable_variables)  # slots exist before the first step
-        step = self._step
-        if net.jit_compile:  # Keras decided (XLA on GPUs, never on CPUs), as model.fit would
-            step = tf.function(step, jit_compile=True, reduce_retracing=True)
-        self._replica_step = step
-        self._chunk = tf.function(self._run_chunk)
+        self._chunk = self._compiled(net)
+        self._clean_chunk = self._compiled(clean) if clean is not None else None
+        self.clean_from = clean_from
         self.evaluate = Evaluation(net, strategy)
 
-    def _step(self, batch):
+    def _compiled(self, forward):
+        """CHUNK steps of training through `forward` (the model or its clean twin), one
+        tf.function call."""
+        import functools
+
+        import tensorflow as tf
+
+        step = functools.partial(self._step, forward)
+        if self.net.jit_compile:  # Keras decided (XLA on GPUs, never on CPUs), as fit would
+            step = tf.function(step, jit_compile=True, reduce_retracing=True)
+        return tf.function(functools.partial(self._run_chunk, step))
+
+    def _step(self, forward, batch):
         import keras
         import tensorflow as tf
 
         x, y = batch
         net = self.net
         with tf.GradientTape() as tape:
-            logits = net(x, training=True)
+            logits = forward(x, training=True)
             per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             objective = smoothed(per_example, logits, self.label_smoothing)
             # Sum over this replica / global batch: the optimizer sums the replicas' gradients.
             loss = tf.reduce_sum(objective) / self.global_batch
-            if net.losses:
-                loss += tf.add_n(net.losses) / self.strategy.num_replicas_in_sync
+            if forward.losses:
+                loss += tf.add_n(forward.losses) / self.strategy.num_replicas_in_sync
             scaled = net.optimizer.scale_loss(loss)  # float16 loss scaling; identity otherwise
         gradients = tape.gradient(scaled, net.trainable_variables)
         net.optimizer.apply(gradients, net.trainable_variables)
         return _totals(per_example, logits, y)
 
-    def _run_chunk(self, iterator, steps):
+    def _run_chunk(self, step, iterator, steps):
         import tensorflow as tf
 
         total = tf.zeros([3])
         for _ in tf.range(steps):
-            per_replica = self.strategy.run(self._replica_step, args=(next(iterator),))
+            per_replica = self.strategy.run(step, args=(next(iterator),))
             total += self.strategy.reduce("SUM", per_replica, axis=None)
         return total
 
@@ -169,12 +181,14 @@ class Loop:
         callbacks.on_train_begin()
         for epoch in epochs:
             callbacks.on_epoch_begin(epoch)
+            clean = self._clean_chunk is not None and epoch >= self.clean_from
+            run = self._clean_chunk if clean else self._chunk
             total = np.zeros(3)
             done = 0
             while done < steps and not net.stop_training:
                 chunk = min(self.chunk, steps - done)
                 # A tensor, not an int: a shorter last chunk must not trace the loop again.
-                total += self._chunk(iterator, tf.constant(chunk)).numpy()
+                total += run(iterator, tf.constant(chunk)).numpy()
                 done += chunk
                 callbacks.on_train_batch_end(done - 1, _logs(total))
             logs = _logs(total)  # a cut-short epoch is still reported, as model.fit does

@@ -384,6 +384,29 @@ def _fast(x):
     return _dense_bn(x, 128, momentum=0.9)
 
 
+def augmentation() -> tuple[type, ...]:
+    """The layer classes that change the digits in training only (identities at inference)."""
+    from keras import layers
+
+    random = (layers.RandomRotation, layers.RandomTranslation, layers.RandomZoom)
+    return (user_like(), marks(), *random)
+
+
+def without_augmentation(net: keras.Model) -> keras.Model:
+    """The same network, sharing its layers and weights, with the augmentation layers left
+    out: trained through it, the network sees the digits as given. Every architecture here
+    is a chain of single-input layers."""
+    import keras
+
+    skipped = augmentation()
+    inputs = keras.Input(INPUT_SHAPE, dtype="float32", name="pixels")
+    x = inputs
+    for layer in net.layers[1:]:
+        if not isinstance(layer, skipped):
+            x = layer(x)
+    return keras.Model(inputs, x, name=f"{net.name}_clean")
+
+
 def learning_rate(peak: float, schedule: str, total_steps: int):
     """A constant rate, or one cycle: linear warm-up over 20% of the steps, then cosine to 0."""
     import keras

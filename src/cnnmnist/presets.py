@@ -37,6 +37,7 @@ class Preset:
     schedule: str = "constant"  # or "one-cycle": linear warm-up to learning_rate, cosine to 0
     label_smoothing: float = 0.0  # train against (1 - e) * one-hot + e / 10
     flagged_ones: float = 0.0  # this share of the training 1s drawn with a flag (digits only)
+    clean_epochs: int = 0  # the last epochs (never the first) see the digits as given
     reference_accuracy: float | None = None
     reference: str = ""
 
@@ -73,6 +74,8 @@ class Preset:
             raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.flagged_ones <= 1:
             raise UsageError(f"flagged_ones must be in [0, 1], got {self.flagged_ones}")
+        if self.clean_epochs < 0:
+            raise UsageError(f"clean_epochs must be 0 or positive, got {self.clean_epochs}")
         if not 0 <= self.seed <= MAX_SEED:
             raise UsageError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
         if self.train_size < 0:
@@ -81,6 +84,11 @@ class Preset:
     def hyperparameters(self) -> dict[str, Any]:
         """The fields that decide what a run does (for metadata and tables)."""
         return {k: getattr(self, k) for k in ("model", *TUNABLE)}
+
+    @property
+    def first_clean_epoch(self) -> int:
+        """The index of the first epoch trained without augmentation (epochs: none)."""
+        return max(1, self.epochs - self.clean_epochs) if self.clean_epochs else self.epochs
 
 
 # Fields a config file or a CLI flag may set, with their types.
@@ -96,6 +104,7 @@ TUNABLE: dict[str, type] = {
     "schedule": str,
     "label_smoothing": float,
     "flagged_ones": float,
+    "clean_epochs": int,
 }
 
 _REGISTRY: dict[str, Preset] = {}

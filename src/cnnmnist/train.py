@@ -281,7 +281,14 @@ def fit(recipe, state, where: Destination, engine, x_train, y_train, ds, options
             net = resume_state.restore(where.source, state)
         else:
             net = model.compile_model(recipe, steps)
-        trainer = loop.Loop(net, engine, recipe.batch_size, label_smoothing=recipe.label_smoothing)
+        trainer = loop.Loop(
+            net,
+            engine,
+            recipe.batch_size,
+            label_smoothing=recipe.label_smoothing,
+            clean=model.without_augmentation(net) if recipe.clean_epochs else None,
+            clean_from=recipe.first_clean_epoch,
+        )
     progress = progress_callback(
         recipe.epochs, steps, history=state["history"] if state else [], live=options.live_progress
     )
