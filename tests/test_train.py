@@ -227,6 +227,16 @@ def test_the_clean_twin_shares_every_layer_but_the_augmentation(name, mnist):
     np.testing.assert_allclose(same, keras.ops.convert_to_numpy(net(x, training=False)), atol=1e-5)
 
 
+def test_a_network_that_branches_has_no_clean_twin():
+    import keras
+
+    pixels = keras.Input((28, 28, 1))
+    flat = keras.layers.Flatten()(pixels)
+    branches = keras.layers.Add()([keras.layers.Dense(10)(flat), keras.layers.Dense(10)(flat)])
+    with pytest.raises(ValueError, match="not a chain of layers"):
+        model.without_augmentation(keras.Model(pixels, branches))
+
+
 def test_clean_epochs_train_on_the_digits_as_given(tmp_path, mnist_dir):
     """The last epoch without augmentation: the epochs before it are the same run, and in
     it the network fits its (unmarked, unturned) digits far better than an augmented one."""

@@ -395,9 +395,12 @@ def augmentation() -> tuple[type, ...]:
 def without_augmentation(net: keras.Model) -> keras.Model:
     """The same network, sharing its layers and weights, with the augmentation layers left
     out: trained through it, the network sees the digits as given. Every architecture here
-    is a chain of single-input layers."""
+    is a chain of single-input layers; a network that branches is refused."""
     import keras
 
+    pairs = zip(net.layers, net.layers[1:], strict=False)
+    if any(layer.input is not before.output for before, layer in pairs):
+        raise ValueError(f"{net.name} is not a chain of layers: its augmentation cannot be cut out")
     skipped = augmentation()
     inputs = keras.Input(INPUT_SHAPE, dtype="float32", name="pixels")
     x = inputs

@@ -87,7 +87,7 @@ class Preset:
 
     @property
     def first_clean_epoch(self) -> int:
-        """The index of the first epoch trained without augmentation (epochs: none)."""
+        """The index of the first epoch trained without augmentation (`epochs`: none is)."""
         return max(1, self.epochs - self.clean_epochs) if self.clean_epochs else self.epochs
 
 
