@@ -265,7 +265,8 @@ register(
         "random affine augmentation (10 deg, 10% shift, 10% zoom), marks that are not the "
         "digit (specks, a line across, outlines, a band: 4 images of 128 each) and digits "
         "moved 3-6 px (2 of 128), half the 1s drawn with a flag, label smoothing 0.1, "
-        "one-cycle Adam, 15 epochs on all 60,000 training images, bfloat16 where fast",
+        "one-cycle Adam, 15 epochs on all 60,000 training images, the last 2 on the digits "
+        "as given, bfloat16 where fast",
         model="best",
         optimizer="adam",
         learning_rate=3e-3,
@@ -276,6 +277,7 @@ register(
         schedule="one-cycle",
         label_smoothing=0.1,
         flagged_ones=0.5,  # other writers' flagged 1s: docs/robustness.md
+        clean_epochs=2,  # ending on the digits as given: docs/robustness.md
         reference="goal: 99.6% mean over 3 seeds, at most 20 minutes a run on 2 CPU cores",
     )
 )
