@@ -306,9 +306,10 @@ def test_two_workers_train_the_books_model_like_one_process(tmp_path, mnist_dir)
 @pytest.mark.parametrize("name", ["fast", "best"])
 def test_two_workers_train_the_presets_beyond_the_book(name, tmp_path, mnist_dir):
     # Batch norm, augmentation, one-cycle and `auto` precision (and for `best` label
-    # smoothing and the marks): 30 steps of the preset's batch, split over the workers.
-    size = str(30 * presets.get(name).batch_size)
-    args = ["--preset", name, "--epochs", "1", "--train-size", size]
+    # smoothing, the marks and its clean last epoch): 2 epochs of 15 steps of the preset's
+    # batch, split over the workers.
+    size = str(15 * presets.get(name).batch_size)
+    args = ["--preset", name, "--epochs", "2", "--train-size", size]
     results = _two_workers([*args, "--validation-size", "1000", "--json"], tmp_path)
     for code, _, stderr in results:
         assert code == 0, stderr[-3000:]
