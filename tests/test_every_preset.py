@@ -126,13 +126,13 @@ def test_presets_that_pick_their_precision_train_on_the_other_paths(
 
 @pytest.mark.parametrize("path", ["mirrored", "float16"])
 def test_clean_epochs_train_on_the_other_paths(path, tmp_path):
-    """`best` with its last epoch through the network without the augmentation (a run
-    file's `clean_epochs`; the one-device run is test_train's): two epochs of 15 steps
-    over two replicas, and in mixed float16."""
-    config = tmp_path / "clean.toml"
-    config.write_text('preset = "best"\nclean_epochs = 1\n')
+    """`best` with its last epochs through the network without the augmentation (the
+    one-device run is test_train's): two epochs of 15 steps, the second clean, over two
+    replicas and in mixed float16."""
+    best = presets.get("best")
+    assert best.with_overrides(epochs=2).first_clean_epoch == 1  # the second epoch is clean
     out = tmp_path / "ckpt"
-    args = short_run(presets.get("best"), out, "--config", str(config), steps=15)
+    args = short_run(best, out, steps=15)
     args[args.index("--epochs") + 1] = "2"
     if path == "mirrored":
         command = [sys.executable, str(WORKER), "--logical-cpus", "2"]
@@ -145,7 +145,8 @@ def test_clean_epochs_train_on_the_other_paths(path, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert len(report["history"]) == 2
-    assert json.loads((out / "cnnmnist.json").read_text())["hyperparameters"]["clean_epochs"] == 1
+    recorded = json.loads((out / "cnnmnist.json").read_text())["hyperparameters"]
+    assert recorded["clean_epochs"] == best.clean_epochs
     assert_serves_what_it_learned(report, out)
 
 

@@ -286,7 +286,11 @@ def fit(recipe, state, where: Destination, engine, x_train, y_train, ds, options
             engine,
             recipe.batch_size,
             label_smoothing=recipe.label_smoothing,
-            clean=model.without_augmentation(net) if recipe.clean_epochs else None,
+            clean=(
+                model.without_augmentation(net)
+                if recipe.first_clean_epoch < recipe.epochs
+                else None
+            ),
             clean_from=recipe.first_clean_epoch,
         )
     progress = progress_callback(
