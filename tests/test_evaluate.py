@@ -118,12 +118,7 @@ def test_terminal_report(trained, mnist_dir):
         assert text in result.stdout
 
 
-def test_other_dataset_is_allowed_with_a_warning(trained):
-    from cnnmnist import data
-
-    fashion = data.SPECS["fashion-mnist"].system_dirs[0]
-    if not (data.Path(fashion) / "t10k-labels-idx1-ubyte.gz").exists():
-        pytest.skip("dataset-fashion-mnist is not installed (optional)")
+def test_other_dataset_is_allowed_with_a_warning(trained, fashion_mnist_dir):
     result = CliRunner().invoke(
         cli,
         [
@@ -132,7 +127,7 @@ def test_other_dataset_is_allowed_with_a_warning(trained):
             "--dataset",
             "fashion-mnist",
             "--data-dir",
-            fashion,
+            str(fashion_mnist_dir),
             "--json",
         ],
     )

@@ -184,7 +184,7 @@ def test_evaluation_over_two_replicas_equals_one_device(name, mnist_dir):
     np.testing.assert_allclose(got["two"], got["one"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["seed", "fast", "best"])
+@pytest.mark.parametrize("name", NAMES)
 def test_presets_train_on_fashion_mnist(name, tmp_path, fashion_mnist_dir):
     out = tmp_path / "ckpt"
     args = short_run(presets.get(name), out, "--dataset", "fashion-mnist")
@@ -194,5 +194,6 @@ def test_presets_train_on_fashion_mnist(name, tmp_path, fashion_mnist_dir):
     dataset = json.loads((out / "cnnmnist.json").read_text())["dataset"]
     assert dataset["name"] == "fashion-mnist"
     assert dataset["flagged_ones"] == 0  # label 1 is a trouser there
-    # Clothes are harder than digits: 30 steps reach about 70% here; chance is 10%.
+    # Clothes are harder than digits: 30 steps reach 60-74% here (seed-layers, with its
+    # dropout of 0.7, the least); chance is 10%.
     assert report["test_accuracy"] > 0.5 and report["warnings"] == []
