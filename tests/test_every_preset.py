@@ -82,6 +82,32 @@ def test_every_preset_on_one_device(name, tmp_path, mnist_dir):
     # The record says how many training 1s were given a flag: some, if the recipe asks.
     flagged = json.loads((out / "cnnmnist.json").read_text())["dataset"]["flagged_ones"]
     assert (flagged > 0) == (presets.get(name).flagged_ones > 0)
+    # model.keras loads in a process that has not trained (its own layers unregistered)
+    # and gives the SavedModel's probabilities (to bfloat16's precision, where it trained so).
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_KERAS, str(out), str(mnist_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["max_difference"] < 0.02
+
+
+LOAD_KERAS = """
+import json, sys
+import numpy as np
+from cnnmnist import checkpoint, data, model
+ckpt, mnist_dir = sys.argv[1:]
+images = data.load("mnist", mnist_dir).test_images[:200]
+net = model.load(f"{ckpt}/{checkpoint.KERAS_MODEL}")
+assert net.optimizer is not None  # with its optimizer state, for further training
+logits = net.predict(images.reshape(-1, 28, 28, 1).astype("float32"), verbose=0)
+probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+probs /= probs.sum(axis=1, keepdims=True)
+served = checkpoint.read(ckpt).predict(images)
+print(json.dumps({"max_difference": float(np.abs(probs - served).max())}))
+"""
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -363,6 +363,18 @@ def stretch() -> type:
     return Stretch
 
 
+def load(path) -> keras.Model:
+    """A checkpoint's model.keras as a Keras model, optimizer state included. Its layers and
+    optimizer include cnnmnist's own classes, which Keras finds only once they are
+    registered; this registers them first (plain `keras.saving.load_model` would fail with
+    "Could not locate class 'Stretch'")."""
+    import keras
+
+    for register in (tf1_rmsprop, user_like, marks, stretch):
+        register()
+    return keras.saving.load_model(path)
+
+
 @architecture("fast")
 def _fast(x):
     from keras import layers

@@ -127,15 +127,11 @@ def load_state(out: Path) -> dict[str, Any] | None:
 
 def restore(out: Path, state: dict[str, Any]):
     """The model (weights, optimizer, dropout RNG) as it was at the end of the recorded epoch."""
-    import keras
+    from cnnmnist.model import load
 
-    from cnnmnist.model import marks, stretch, tf1_rmsprop, user_like
-
-    for register in (tf1_rmsprop, user_like, marks, stretch):
-        register()  # the custom classes, before Keras looks them up
     path = partial_dir(out) / state["model"]
     try:
-        model = keras.saving.load_model(path)
+        model = load(path)
     except Exception as e:  # noqa: BLE001 - Keras raises many kinds for a damaged file
         raise CnnmnistError(f"{path}: cannot load the saved training state: {e}") from None
     variables = seed_states(model)
