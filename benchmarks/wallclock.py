@@ -29,7 +29,7 @@ from pathlib import Path
 
 from timing import timed, timed_train
 
-from cnnmnist.runtime import NATIVE_BF16, cpu_flags, resolve_precision
+from cnnmnist.runtime import NATIVE_BF16, cpu_flags, onednn_cap, resolve_precision
 
 RESULTS = Path(__file__).parent / "results" / "wallclock.json"
 TINY = ["--epochs", "1", "--train-size", "1024", "--validation-size", "500"]
@@ -133,7 +133,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     tiny = TINY if args.tiny else []
-    path = resolve_precision(args.precision, cpu_flags(), has_gpu=False)
+    path = resolve_precision(args.precision, cpu_flags(), has_gpu=False, cap=onednn_cap())
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
 
     if args.predict_only:
@@ -175,6 +175,7 @@ def main() -> None:
         "command": " ".join(["python benchmarks/wallclock.py", *sys.argv[1:]]),  # as run
         "precision_path": path,
         "cpu_flags": flags,
+        "onednn_max_cpu_isa": onednn_cap(),  # oneDNN held under AVX-512, if it was
         "runs": fast,
         "plain_keras_one_epoch": keras_runs,
         "ratio_to_plain_keras_one_epoch": round(ratio, 3),

@@ -1,8 +1,14 @@
 """--precision: the detection logic, and a bfloat16 run that still learns."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from cnnmnist import loop, model, presets, runtime, train
+from cnnmnist.errors import UsageError
 
 
 @pytest.mark.parametrize(
@@ -20,6 +26,45 @@ from cnnmnist import loop, model, presets, runtime, train
 )
 def test_resolve_precision(choice, flags, gpu, policy):
     assert runtime.resolve_precision(choice, flags, gpu) == policy
+
+
+BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}
+
+
+def test_onednn_held_under_avx512_makes_a_cpu_without_native_bfloat16(monkeypatch):
+    for value, cap in [
+        ("AVX2", "AVX2"),
+        ("avx2_vnni", "AVX2_VNNI"),
+        ("AVX512_CORE", None),
+        ("", None),
+    ]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", value)
+        assert runtime.onednn_cap() == cap
+    assert runtime.resolve_precision("auto", BF16_CPU, False, "AVX2") == "float32"
+    assert runtime.resolve_precision("float32", BF16_CPU, False, "AVX2") == "float32"
+    assert runtime.resolve_precision("float16", BF16_CPU, False, "AVX2") == "mixed_float16"
+    # A CPU without native bfloat16 emulates it whatever the cap; a GPU computes it itself.
+    assert runtime.resolve_precision("bfloat16", {"avx2"}, False, "AVX2") == "mixed_bfloat16"
+    assert runtime.resolve_precision("bfloat16", BF16_CPU, True, "AVX2") == "mixed_bfloat16"
+    with pytest.raises(UsageError, match="ONEDNN_MAX_CPU_ISA=AVX2.*--precision float32"):
+        runtime.resolve_precision("bfloat16", BF16_CPU, False, "AVX2")
+
+
+def test_auto_trains_in_float32_with_onednn_held_to_avx2(tmp_path, mnist_dir):
+    """On a CPU with native bfloat16 this run used to abort ("training failed: AbortedError")."""
+    out = tmp_path / "ckpt"
+    args = ["train", "--preset", "fast", "--epochs", "1", "--train-size", "2560"]
+    args += ["--data-dir", str(mnist_dir), "--out", str(out), "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cnnmnist", *args],
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["test_accuracy"] > 0.6
+    assert json.loads((out / "cnnmnist.json").read_text())["dtype_policy"] == "float32"
 
 
 def test_cpu_flags_reads_this_machine():

@@ -74,7 +74,7 @@ def versions_report() -> str:
     import platform
     from importlib import metadata
 
-    from cnnmnist.runtime import NATIVE_BF16, cpu_flags
+    from cnnmnist.runtime import NATIVE_BF16, cpu_flags, onednn_cap
 
     def version(package: str) -> str:
         try:
@@ -86,6 +86,8 @@ def versions_report() -> str:
     lines.append(f"python {platform.python_version()} ({platform.platform()})")
     bf16 = sorted(cpu_flags() & NATIVE_BF16)
     lines.append(f"native bfloat16: {'yes (' + ', '.join(bf16) + ')' if bf16 else 'no'}")
+    if cap := onednn_cap():
+        lines.append(f"oneDNN held to {cap} (ONEDNN_MAX_CPU_ISA): --precision auto runs float32")
     gpus = sorted(Path("/proc/driver/nvidia/gpus").glob("*"))
     lines.append(f"NVIDIA GPUs seen by the driver: {len(gpus)}")
     return "\n".join(lines)
