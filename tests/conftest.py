@@ -71,3 +71,10 @@ def without_package(monkeypatch, package: str) -> None:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
     )
+
+
+def saved_weights(ckpt: Path) -> list:
+    """The weights of a checkpoint's model.keras, loaded as a user would (cnnmnist.model.load)."""
+    from cnnmnist import checkpoint, model
+
+    return model.load(ckpt / checkpoint.KERAS_MODEL).get_weights()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import saved_weights
 
 from cnnmnist import distribute, presets
 from cnnmnist.cli import cli
@@ -170,12 +171,6 @@ def _finish(processes):
     return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs, strict=True)]
 
 
-def _weights(ckpt: Path) -> list[np.ndarray]:
-    import keras
-
-    return keras.saving.load_model(ckpt / "model.keras").get_weights()
-
-
 @pytest.fixture(scope="module")
 def single_device(tmp_path_factory, mnist_dir):
     out = tmp_path_factory.mktemp("single") / "ckpt"
@@ -186,7 +181,7 @@ def single_device(tmp_path_factory, mnist_dir):
 
 def _assert_same_training(ckpt: Path, report: dict, single) -> None:
     reference, reference_report = single
-    for ours, theirs in zip(_weights(ckpt), _weights(reference), strict=True):
+    for ours, theirs in zip(saved_weights(ckpt), saved_weights(reference), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=WEIGHT_TOLERANCE)
     assert report["test_accuracy"] == pytest.approx(reference_report["test_accuracy"], abs=2e-4)
     assert report["history"][0]["accuracy"] == pytest.approx(

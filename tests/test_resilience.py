@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import saved_weights
 
 from cnnmnist import checkpoint, resume
 from cnnmnist.cli import cli
@@ -47,12 +48,6 @@ def wait_for_epoch(out, epoch, proc, timeout=120):
             return
         time.sleep(0.05)
     pytest.fail("training made no progress")
-
-
-def weights(ckpt):
-    from cnnmnist import model
-
-    return model.load(ckpt / checkpoint.KERAS_MODEL).get_weights()
 
 
 @pytest.fixture(scope="module", params=RECIPES)
@@ -99,7 +94,7 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(
     report = json.loads(result.stdout)
     assert [row["epoch"] for row in report["history"]] == list(range(1, epochs + 1))
     assert not resume.partial_dir(out).exists()  # cleaned up once the checkpoint is in place
-    for a, b in zip(weights(out), weights(reference_dir), strict=True):
+    for a, b in zip(saved_weights(out), saved_weights(reference_dir), strict=True):
         np.testing.assert_array_equal(a, b)
     reference = checkpoint.read(reference_dir).metadata
     assert checkpoint.read(out).metadata["test"] == reference["test"]
