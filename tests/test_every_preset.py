@@ -71,6 +71,22 @@ def assert_serves_what_it_learned(report: dict, out: Path) -> None:
 NAMES = [p.name for p in presets.all_presets()]
 
 
+LOAD_KERAS = """
+import json, sys
+import numpy as np
+from cnnmnist import checkpoint, data, model
+ckpt, mnist_dir = sys.argv[1:]
+images = data.load("mnist", mnist_dir).test_images[:200]
+net = model.load(f"{ckpt}/{checkpoint.KERAS_MODEL}")
+assert net.optimizer is not None  # with its optimizer state, for further training
+logits = net.predict(images.reshape(-1, 28, 28, 1).astype("float32"), verbose=0)
+probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+probs /= probs.sum(axis=1, keepdims=True)
+served = checkpoint.read(ckpt).predict(images)
+print(json.dumps({"max_difference": float(np.abs(probs - served).max())}))
+"""
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_preset_on_one_device(name, tmp_path, mnist_dir):
     out = tmp_path / "ckpt"
@@ -92,22 +108,6 @@ def test_every_preset_on_one_device(name, tmp_path, mnist_dir):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["max_difference"] < 0.02
-
-
-LOAD_KERAS = """
-import json, sys
-import numpy as np
-from cnnmnist import checkpoint, data, model
-ckpt, mnist_dir = sys.argv[1:]
-images = data.load("mnist", mnist_dir).test_images[:200]
-net = model.load(f"{ckpt}/{checkpoint.KERAS_MODEL}")
-assert net.optimizer is not None  # with its optimizer state, for further training
-logits = net.predict(images.reshape(-1, 28, 28, 1).astype("float32"), verbose=0)
-probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-probs /= probs.sum(axis=1, keepdims=True)
-served = checkpoint.read(ckpt).predict(images)
-print(json.dumps({"max_difference": float(np.abs(probs - served).max())}))
-"""
 
 
 @pytest.mark.parametrize("name", NAMES)
