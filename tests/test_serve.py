@@ -330,6 +330,30 @@ def test_serve_binds_to_loopback_by_default(trained):
         process.communicate(timeout=30)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_at_once_after_the_address_ends_serve_with_exit_0(trained, stop):
+    # The first moments after the address line are when start-up still runs; a signal
+    # there once left the server hung, or ended it with 130.
+    for _ in range(3):
+        process = _serve(trained.checkpoint, "--port", "0")
+        assert re.search(r"127\.0\.0\.1:(\d+)/", process.stderr.readline())
+        process.send_signal(stop)
+        rest = process.communicate(timeout=10)[1]
+        assert process.returncode == 0 and rest.strip() == "stopped"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_announcing_ends_run_without_an_exception(trained, stop):
+    model = serve.Model(trained.checkpoint, NAME, warn=print)
+    running = serve.Server(model, "127.0.0.1", 0)
+    before = signal.getsignal(stop)
+    running.run(announce=lambda: os.kill(os.getpid(), stop))  # returns: no KeyboardInterrupt
+    assert signal.getsignal(stop) is before  # the caller's handlers are back
+    assert running.socket.fileno() == -1  # closed
+    with pytest.raises(RuntimeError, match="shutdown"):  # the model's thread is released
+        model.run._thread.submit(print)
+
+
 def _listening(port: int) -> list[str]:
     """The IPv4 addresses with a socket listening on `port`, from the kernel's own table."""
     addresses = []

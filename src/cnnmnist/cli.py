@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -645,18 +644,13 @@ def serve(ckpt, host, port, model_name) -> None:
     model = serving.Model(ckpt, model_name, warn)
     server = serving.Server(model, host, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{server.port}"
-    err().print(
-        f"serving {ckpt} ({model.engine.name}) as {model_name!r}: the page at {url}/, the API at "
-        f"{url}/v1/models/{model_name}; Ctrl-C stops it",
-        highlight=False,
+    server.run(
+        announce=lambda: err().print(
+            f"serving {ckpt} ({model.engine.name}) as {model_name!r}: the page at {url}/, the "
+            f"API at {url}/v1/models/{model_name}; Ctrl-C stops it",
+            highlight=False,
+        )
     )
-    # Uvicorn stops on SIGINT and SIGTERM (docker stop, systemd), then raises the signal again
-    # for its previous handler: make both a KeyboardInterrupt, and that a clean stop.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
     err().print("stopped")
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import email.parser
 import email.policy
 import errno
 import re
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -91,6 +94,10 @@ class Batcher:
                 start += len(pixels)
         self._draining = False
 
+    def close(self) -> None:
+        """Let the model's thread end once its current call (if any) returns."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
 
 class Model:
     """The checkpoint behind the server: its engine (TFLite when verified) and metadata."""
@@ -100,6 +107,10 @@ class Model:
         self.path, self.name = Path(path), name
         self.engine = serving.engine(ckpt, warn)
         self.run = Batcher(self.engine.probabilities)  # awaitable: probabilities of pixels
+
+    def close(self) -> None:
+        """Release the model's thread."""
+        self.run.close()
 
 
 # --- TF Serving's REST API ---------------------------------------------------------------
@@ -411,6 +422,11 @@ async def _read_body(receive, declared: str | None) -> bytes:
             return bytes(body)
 
 
+# SIGINT (Ctrl-C) and SIGTERM (docker stop, systemd) stop the server, exit 0.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+GRACE = 2.0  # seconds that requests still running get to finish once a stop is asked
+
+
 class Server:
     """The HTTP server (Uvicorn) on a socket bound at once, so a busy port fails here."""
 
@@ -439,6 +455,7 @@ class Server:
             raise CnnmnistError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         self.socket.listen(BACKLOG)  # from now on connections wait for the loop, not fail
         self.port = self.socket.getsockname()[1]
+        self.model = model
         fast = {"http": "httptools", "loop": "uvloop"}  # C parsers and loop when installed
         config = uvicorn.Config(
             application(model),
@@ -446,13 +463,48 @@ class Server:
             access_log=False,
             server_header=False,
             backlog=BACKLOG,
+            timeout_graceful_shutdown=GRACE,
             **{k: v for k, v in fast.items() if importlib.util.find_spec(v)},
         )
-        self._server = uvicorn.Server(config)
+        self._server = _quiet_about_signals(uvicorn.Server)(config)
 
-    def run(self) -> None:
-        """Serve until Ctrl-C or SIGTERM (or close() from another thread)."""
-        self._server.run(sockets=[self.socket])
+    def run(self, announce: Callable[[], None] = lambda: None) -> None:
+        """Call `announce` (say where the server listens), then serve until SIGINT or SIGTERM
+        (or close() from another thread), and release the socket and the model's thread.
+
+        The stop signals are caught before `announce`, so a stop asked at any moment after
+        it ends the same way: the signal only raises a flag, which Uvicorn reads before it
+        starts serving and every tenth of a second after. Nothing is raised into whatever
+        the main thread was doing (a KeyboardInterrupt in the event loop's start-up could
+        leave it hung, or end the process with another status). A second signal skips the
+        wait for requests still running.
+        """
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._stop) for s in STOP_SIGNALS} if main else {}
+        try:
+            announce()
+            self._server.run(sockets=[self.socket])
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.socket.close()
+            self.model.close()
+
+    def _stop(self, signum: int, frame) -> None:
+        if self._server.should_exit:
+            self._server.force_exit = True
+        self._server.should_exit = True
 
     def close(self) -> None:
         self._server.should_exit = True
+
+
+def _quiet_about_signals(server: type) -> type:
+    """Uvicorn's server, minus its own signal handlers (Server.run has caught them already)."""
+
+    class Server(server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    return Server
