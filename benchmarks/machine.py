@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import platform
 
-from cnnmnist.runtime import NATIVE_BF16, cpu_flags, onednn_cap
+from cnnmnist.hardware import NATIVE_BF16, cpu_flags, onednn_cap
 
 FLAGS = NATIVE_BF16 | {"avx2", "avx512f"}
 

@@ -14,6 +14,10 @@ Parts of the development set (each a folder laid out for `cnnmnist evaluate --im
                  light or dark lines, the page turned up to 2 degrees, saved as JPEG
   other_writers  scikit-learn's handwritten digits (UCI optdigits: 1,797 8x8 scans of 43
                  writers other than MNIST's), installed offline with the package
+  box_scans      handwritten digits as box-normalised scan collections store them: canvas
+                 and other writers' digits cropped to the ink, half of them cut where they
+                 left the scanner's box, stretched on both axes to fill a square of 16 or 12
+                 pixels, and binarised at one of three thresholds
 
 Nothing comes from the MNIST test images. The set is seeded: every run renders the same images.
 For each checkpoint the script runs `cnnmnist evaluate CKPT --images PART --json` per part and
@@ -39,7 +43,15 @@ from PIL import Image, ImageDraw, ImageFont
 HERE = Path(__file__).resolve().parent
 SEED = 16
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.fonts", "/Library/Fonts")
-PARTS = ("printed", "canvas", "low_resolution", "photos", "notebook", "other_writers")
+PARTS = (
+    "printed",
+    "canvas",
+    "low_resolution",
+    "photos",
+    "notebook",
+    "other_writers",
+    "box_scans",
+)
 
 # Digits as a hand draws them on a canvas: strokes of (x, y) points in a unit square, y down.
 # Two forms for the digits people write two ways.
@@ -267,6 +279,36 @@ _STORE = {
 }
 
 
+def _boxed(ink: Image.Image, rng) -> Image.Image:
+    """A digit (dark on white) as a box-normalised scan collection stores it: cropped to its
+    ink; in half of them cut at one or two sides, by 8-20% of its extent, where it left the
+    scanner's box; stretched on both axes to fill a square of 16 or 12 pixels; binarised at
+    a threshold of 35, 50 or 65% ink; black on white, at that size."""
+    ink_map = 1 - np.asarray(ink.convert("L"), dtype=np.float64) / 255
+    rows, cols = (
+        np.flatnonzero(ink_map.max(axis=1) > 0.2),
+        np.flatnonzero(ink_map.max(axis=0) > 0.2),
+    )
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    if rng.random() < 0.5:
+        for side in rng.choice(4, size=int(rng.integers(1, 3)), replace=False):
+            height, width = bottom - top, right - left
+            cut = rng.uniform(0.08, 0.2)
+            if side == 0:
+                top += int(cut * height)
+            elif side == 1:
+                bottom -= int(cut * height)
+            elif side == 2:
+                left += int(cut * width)
+            else:
+                right -= int(cut * width)
+    crop = Image.fromarray(np.round(ink_map[top:bottom, left:right] * 255).astype(np.uint8))
+    box = int(rng.choice([16, 16, 12]))
+    stretched = np.asarray(crop.resize((box, box), Image.Resampling.BOX), dtype=np.float64)
+    threshold = 255 * float(rng.choice([0.35, 0.5, 0.65]))
+    return Image.fromarray(np.where(stretched > threshold, 0, 255).astype(np.uint8))
+
+
 def _jpeg_with_orientation(image: Image.Image, orientation: int, quality: int) -> bytes:
     for step in _STORE[orientation]:
         image = image.transpose(step)
@@ -348,6 +390,17 @@ def render(root: Path) -> dict[str, int]:
             blob = io.BytesIO()
             page.save(blob, format="JPEG", quality=int(rng.integers(70, 93)))
             save("notebook", digit, blob.getvalue(), "jpg")
+    # Last again, for the same reason.
+    by_digit = {d: np.flatnonzero(writers.target == d) for d in range(10)}
+    for digit in range(10):
+        for k in range(60):  # handwriting: drawn on a canvas, and other writers' scans
+            if k % 2 == 0:
+                ink = _canvas(digit, k // 2 % 2, int(rng.choice([12, 20, 28])), rng)
+            else:
+                scan = writers.images[int(rng.choice(by_digit[digit]))] / 16
+                ink = Image.fromarray(np.round(255 - scan * 255).astype(np.uint8))
+                ink = ink.resize((64, 64), Image.Resampling.BILINEAR)
+            save("box_scans", digit, _boxed(ink, rng))
     return counts
 
 

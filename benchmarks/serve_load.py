@@ -1,12 +1,15 @@
-"""Load on `cnnmnist serve`: concurrent clients on loopback sending single-image JSON :predict
-requests for a fixed time; throughput, latency percentiles, errors and the server's memory.
+"""Load on `cnnmnist serve`: concurrent clients on loopback sending single-image :predict requests
+for a fixed time, over the REST API (JSON) or, with --grpc, TF Serving's gRPC API (through
+its official client, tensorflow-serving-api); throughput, latency percentiles, errors and
+the server's memory.
 
-    python benchmarks/serve_load.py CKPT [--clients 16] [--seconds 20]
+    python benchmarks/serve_load.py CKPT [--clients 16] [--seconds 20] [--grpc]
 
 Clients are threads spread over a few processes (so the clients' own Python does not serialise
 on one interpreter lock), each with a keep-alive connection, sending the same request body in
 a loop. The server is started as a user would start it, `cnnmnist serve CKPT --port 0`, and its
-resident memory is sampled every second from /proc. Writes benchmarks/results/serve_load.json.
+resident memory is sampled every second from /proc. Writes the API's entry of
+benchmarks/results/serve_load.json (the other API's entry stays).
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import argparse
 import http.client
 import json
 import multiprocessing
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -25,16 +26,47 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 
 HERE = Path(__file__).resolve().parent
 PROCESSES = 4
 
 
-def client_process(port: int, threads: int, seconds: float, body: bytes, results) -> None:
+def client_process(
+    port: int, threads: int, seconds: float, body: bytes, results, go, grpc: bool = False
+) -> None:
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
+    if grpc:  # imported before the clock starts: TensorFlow takes seconds to import
+        import grpc as rpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    results.put("ready")
+    go.wait()
     deadline = time.perf_counter() + seconds
+
+    def grpc_client() -> None:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            rpc.insecure_channel(f"127.0.0.1:{port}")
+        )
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "cnnmnist"
+        pixels = np.asarray(json.loads(body)["instances"], np.float32)
+        request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(pixels))
+        mine, bad = [], []
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                answer = stub.Predict(request, 10)
+                if tf.make_ndarray(answer.outputs["probabilities"]).shape != (1, 10):
+                    bad.append("wrong shape")
+            except Exception as e:  # noqa: BLE001 - every failure is counted, not raised
+                bad.append(repr(e)[:200])
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+            errors.extend(bad)
 
     def client() -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -61,7 +93,7 @@ def client_process(port: int, threads: int, seconds: float, body: bytes, results
             latencies.extend(mine)
             errors.extend(bad)
 
-    workers = [threading.Thread(target=client) for _ in range(threads)]
+    workers = [threading.Thread(target=grpc_client if grpc else client) for _ in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
@@ -100,19 +132,23 @@ def main() -> None:
     parser.add_argument("ckpt", type=Path)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--grpc", action="store_true", help="load the gRPC API, not REST")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "serve_load.json")
     args = parser.parse_args()
 
+    command = [sys.executable, "-m", "cnnmnist", "serve", str(args.ckpt), "--port", "0"]
     server = subprocess.Popen(
-        [sys.executable, "-m", "cnnmnist", "serve", str(args.ckpt), "--port", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
+        command + (["--grpc-port", "0"] if args.grpc else []), stderr=subprocess.PIPE, text=True
     )
     started = time.perf_counter()
-    line = server.stderr.readline()
+    banner = ""
+    while "Ctrl-C" not in banner:  # the banner names the ports, then how to stop
+        banner += server.stderr.readline()
     ready_s = time.perf_counter() - started
-    port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
-    engine = re.search(r"\((\w+)\)", line).group(1)
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", banner).group(1))
+    if args.grpc:
+        port = int(re.search(r"gRPC API +127\.0\.0\.1:(\d+)", banner).group(1))
+    engine = re.search(r"\((\w+)\) at", banner).group(1)
     said: list[str] = []  # the server's stderr, drained so that it never blocks on the pipe
     threading.Thread(target=lambda: said.extend(server.stderr), daemon=True).start()
 
@@ -131,15 +167,21 @@ def main() -> None:
     sampler = threading.Thread(target=sample)
     sampler.start()
     results: multiprocessing.Queue = multiprocessing.Queue()
+    go = multiprocessing.Event()  # every client process starts once all are ready
     per = [args.clients // PROCESSES + (k < args.clients % PROCESSES) for k in range(PROCESSES)]
     procs = [
-        multiprocessing.Process(target=client_process, args=(port, n, args.seconds, body, results))
+        multiprocessing.Process(
+            target=client_process, args=(port, n, args.seconds, body, results, go, args.grpc)
+        )
         for n in per
         if n
     ]
-    t0 = time.perf_counter()
     for p in procs:
         p.start()
+    for _ in procs:
+        results.get()  # "ready"
+    go.set()
+    t0 = time.perf_counter()
     collected = [results.get() for _ in procs]
     elapsed = time.perf_counter() - t0
     for p in procs:
@@ -153,8 +195,9 @@ def main() -> None:
     errors = [e for _, errs in collected for e in errs]
     record = {
         "command": f"python benchmarks/serve_load.py CKPT --clients {args.clients} "
-        f"--seconds {args.seconds:g}",
-        "checkpoint": {"path": str(args.ckpt), "preset": _preset(args.ckpt)},
+        f"--seconds {args.seconds:g}" + (" --grpc" if args.grpc else ""),
+        "api": "grpc" if args.grpc else "rest",
+        "checkpoint": {"preset": _preset(args.ckpt)},
         "engine": engine,
         "clients": args.clients,
         "seconds": round(elapsed, 2),
@@ -175,13 +218,12 @@ def main() -> None:
             "max": round(max(memory), 1),
             "per_second": [round(m, 1) for m in memory],
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-        },
+        "machine": describe(),
     }
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    previous = previous if "rest" in previous or "grpc" in previous else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    args.out.write_text(json.dumps(previous | {record["api"]: record}, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from cnnmnist.runtime import NATIVE_BF16, cpu_flags
+from cnnmnist.hardware import NATIVE_BF16, cpu_flags
 
 RESULTS = Path(__file__).parent / "results" / "step_profile.json"
 
@@ -40,7 +40,7 @@ def pieces(batch: int, repeats: int, calls: int) -> dict[str, float]:
     import tensorflow as tf
     from keras import layers
 
-    from cnnmnist import model
+    from cnnmnist.model.layers import UserLike
 
     def bn_relu(x):
         return layers.Activation("relu")(layers.BatchNormalization()(x))
@@ -49,7 +49,7 @@ def pieces(batch: int, repeats: int, calls: int) -> dict[str, float]:
         return bn_relu(layers.Dense(128, use_bias=False)(layers.Flatten()(x)))
 
     table = {
-        "user_like augmentation": (lambda x: model.user_like()()(x, training=True), (28, 28, 1)),
+        "user_like augmentation": (lambda x: UserLike()(x, training=True), (28, 28, 1)),
         "conv 3x3 1->32 at 28x28": (lambda x: layers.Conv2D(32, 3, padding="same")(x), (28, 28, 1)),
         "max pool at 28x28x32": (lambda x: layers.MaxPooling2D(2)(x), (28, 28, 32)),
         "conv 5x5 stride 2, 1->32 at 28x28": (
@@ -107,7 +107,7 @@ def best_step(batch: int, steps: int, repeats: int) -> dict[str, float]:
         return round(fastest_ms(fit, repeats, 1) / steps, 1)
 
     augmentation = ("rotate", "shift", "zoom")
-    net = model.build(presets.get("best"))
+    net = model.build(presets.get("best").model)
     without = keras.models.clone_model(
         net,
         clone_function=lambda layer: (
@@ -130,16 +130,17 @@ def loop_ceiling(images: int, rounds: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from cnnmnist import model, presets
+    from cnnmnist import presets
+    from cnnmnist.training import network
 
     recipe = presets.get("seed")
     batch = recipe.batch_size
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (images, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, images)
-    fitted = model.compile_model(recipe)
+    fitted = network.compiled(recipe)
     fitted.fit(x[: batch * 2], y[: batch * 2], batch_size=batch, verbose=0)
-    bare = model.compile_model(recipe)
+    bare = network.compiled(recipe)
     xb, yb = tf.constant(x[:batch]), tf.constant(y[:batch])
 
     @tf.function

@@ -41,7 +41,8 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from cnnmnist import data, loop, model, presets, runtime
+    from cnnmnist import data, hardware, presets
+    from cnnmnist.training import loop, network
 
     ds = data.load("mnist", args.data_dir)
     x, y = ds.split("train", 5000)
@@ -52,7 +53,7 @@ def main() -> None:
 
     def plain_keras() -> float:
         keras.mixed_precision.set_global_policy("float32")
-        net = model.compile_model(recipe)
+        net = network.compiled(recipe)
         xf = x.reshape(-1, 28, 28, 1).astype(np.float32)  # what a plain port feeds
         net.fit(xf[: batch * 2], y[: batch * 2], batch_size=batch, epochs=1, verbose=0)  # warm up
         start = time.perf_counter()
@@ -63,7 +64,7 @@ def main() -> None:
         def run() -> float:
             keras.mixed_precision.set_global_policy(policy)
             try:
-                trainer = loop.Loop(model.compile_model(recipe), strategy, batch)
+                trainer = loop.Loop(network.compiled(recipe), strategy, batch)
                 trainer.fit_arrays(x[: batch * 2], y[: batch * 2], 0, range(1))  # warm up
                 start = time.perf_counter()
                 trainer.fit_arrays(x, y, 0, range(1))
@@ -78,12 +79,12 @@ def main() -> None:
         "cnnmnist_float32": ours("float32"),
         "cnnmnist_bfloat16": ours("mixed_bfloat16"),
     }
-    native = runtime.cpu_flags() & runtime.NATIVE_BF16
-    if (native and runtime.onednn_cap()) or (not native and not args.tiny):
+    native = hardware.cpu_flags() & hardware.NATIVE_BF16
+    if (native and hardware.onednn_cap()) or (not native and not args.tiny):
         # Emulated bfloat16 runs several times slower than float32, and `--precision auto`
         # never picks it on such a CPU. A tiny run keeps it: the smoke test covers its code.
         # On a CPU with native bfloat16 and oneDNN held under AVX-512 it would abort, as
-        # runtime.resolve_precision refuses it.
+        # hardware.resolve_precision refuses it.
         del contenders["cnnmnist_bfloat16"]
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
@@ -114,7 +115,7 @@ def main() -> None:
         "machine": {
             "python": platform.python_version(),
             "processor": platform.processor(),
-            "bf16": sorted(runtime.cpu_flags() & runtime.NATIVE_BF16),
+            "bf16": sorted(hardware.cpu_flags() & hardware.NATIVE_BF16),
         },
         "versions": {"keras": keras.__version__},
     }

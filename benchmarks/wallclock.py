@@ -29,7 +29,7 @@ from pathlib import Path
 
 from timing import timed, timed_train
 
-from cnnmnist.runtime import NATIVE_BF16, cpu_flags, onednn_cap, resolve_precision
+from cnnmnist.hardware import NATIVE_BF16, cpu_flags, onednn_cap, resolve_precision
 
 RESULTS = Path(__file__).parent / "results" / "wallclock.json"
 TINY = ["--epochs", "1", "--train-size", "1024", "--validation-size", "500"]

@@ -43,7 +43,7 @@ def fail_in_validation() -> None:
     """Make this process fail as a TensorFlow op would, in its first validation pass."""
     import tensorflow as tf
 
-    from cnnmnist import loop
+    from cnnmnist.training import loop
 
     def failing(self, images, labels):
         raise tf.errors.InvalidArgumentError(None, None, "injected fault in validation")
@@ -55,7 +55,7 @@ def record(path: str) -> None:
     """Wrap the sharding function so that the rows it gives each epoch are saved."""
     import tensorflow as tf
 
-    from cnnmnist import pipeline
+    from cnnmnist.training import pipeline
 
     epochs: list[np.ndarray] = []
     shard_rows = pipeline.replica_rows

@@ -20,8 +20,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import saved_weights
 
-from cnnmnist import distribute, presets
+from cnnmnist import presets
 from cnnmnist.cli import cli
+from cnnmnist.cluster import PEER_TIMEOUT, Role, peer_timeout, role
 from cnnmnist.errors import UsageError
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -39,19 +40,19 @@ def cluster(*ports: int, task: str = "worker", index: int = 0, chief: int | None
 
 
 def test_worker_0_is_the_chief_when_the_cluster_names_none():
-    assert distribute.role("multi-worker", cluster(1, 2, index=0)) == distribute.Role(0, 2, True)
-    assert distribute.role("multi-worker", cluster(1, 2, index=1)) == distribute.Role(1, 2, False)
+    assert role("multi-worker", cluster(1, 2, index=0)) == Role(0, 2, True)
+    assert role("multi-worker", cluster(1, 2, index=1)) == Role(1, 2, False)
 
 
 def test_a_chief_task_writes_and_every_worker_is_not_the_chief():
     env = cluster(1, 2, task="chief", index=0, chief=3)
-    assert distribute.role("multi-worker", env) == distribute.Role(0, 3, True)
+    assert role("multi-worker", env) == Role(0, 3, True)
     env = cluster(1, 2, task="worker", index=0, chief=3)
-    assert distribute.role("multi-worker", env) == distribute.Role(1, 3, False)
+    assert role("multi-worker", env) == Role(1, 3, False)
 
 
 def test_single_process_strategies_ignore_tf_config():
-    assert distribute.role("mirrored", {"TF_CONFIG": "not json"}) == distribute.Role()
+    assert role("mirrored", {"TF_CONFIG": "not json"}) == Role()
 
 
 @pytest.mark.parametrize(
@@ -66,7 +67,7 @@ def test_single_process_strategies_ignore_tf_config():
 )
 def test_a_bad_cluster_description_is_a_usage_error(environ, message):
     with pytest.raises(UsageError, match=message):
-        distribute.role("multi-worker", environ)
+        role("multi-worker", environ)
 
 
 def test_bad_tf_config_exits_2_before_training(tmp_path, monkeypatch):
@@ -83,7 +84,7 @@ def test_bad_tf_config_exits_2_before_training(tmp_path, monkeypatch):
 def test_replicas_read_disjoint_slices_that_make_up_each_global_batch(workers, local):
     import tensorflow as tf
 
-    from cnnmnist import pipeline
+    from cnnmnist.training import pipeline
 
     replicas, batch, steps = workers * local, 12, 4
     order = np.random.default_rng(0).permutation(60)  # 60 = 5 batches: one left over
@@ -106,7 +107,7 @@ def test_replicas_read_disjoint_slices_that_make_up_each_global_batch(workers, l
 
 
 def test_evaluation_splits_cover_every_image_once():
-    from cnnmnist import pipeline
+    from cnnmnist.training import pipeline
 
     images = np.zeros((2500, 28, 28), dtype=np.uint8)
     labels = np.arange(2500)  # stand-ins that name each image
@@ -125,14 +126,14 @@ def test_evaluation_splits_cover_every_image_once():
 
 
 def test_a_small_evaluation_set_is_not_padded_beyond_itself():
-    from cnnmnist import pipeline
+    from cnnmnist.training import pipeline
 
     batches = list(pipeline.evaluation_batches(np.zeros((3, 28, 28), np.uint8), np.arange(3)))
     assert [len(y) for _, y, _ in batches] == [3]
 
 
 def test_the_global_batch_must_split_over_the_replicas():
-    from cnnmnist import pipeline
+    from cnnmnist.training import pipeline
 
     assert pipeline.steps_per_epoch(55000, 100, 4) == 550
     assert pipeline.steps_per_epoch(55000, 128, 2) == 429  # the 88 left over change every epoch
@@ -338,5 +339,5 @@ def test_a_worker_whose_peer_never_comes_gives_up(tmp_path, mnist_dir):
 
 def test_a_bad_peer_timeout_is_a_usage_error():
     with pytest.raises(UsageError, match="CNNMNIST_PEER_TIMEOUT='soon'"):
-        distribute.peer_timeout({"CNNMNIST_PEER_TIMEOUT": "soon"})
-    assert distribute.peer_timeout({}) == distribute.PEER_TIMEOUT
+        peer_timeout({"CNNMNIST_PEER_TIMEOUT": "soon"})
+    assert peer_timeout({}) == PEER_TIMEOUT

@@ -23,10 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnmnist import checkpoint, presets, resume, serving
+from cnnmnist import checkpoint, files, presets, runners
 from cnnmnist.cli import cli
 from cnnmnist.errors import CheckpointError, CnnmnistError, UsageError
-from cnnmnist.predict import MAX_BYTES
+from cnnmnist.preprocess.read import MAX_BYTES
+from cnnmnist.training import resume
 
 MEMORY_LIMIT = 3 * 2**30 // 2  # 1.5 GiB of address space: predict needs about 0.5 here
 
@@ -151,7 +152,7 @@ CASES = [
         "predict a LAB TIFF among good files",
         ["predict", "--model", "ckpt", "lab.tif", "seven.png", "--json"],
         1,
-        "lab.tif: cannot decode image",
+        "lab.tif: cannot decode the image",
     ),
     (
         "npz that declares gigabytes",
@@ -252,25 +253,30 @@ def test_a_damaged_tflite_copy_is_not_used(place, mnist):
         f.seek(4096)
         f.write(os.urandom(8192))
     warnings = []
-    engine = serving.engine(checkpoint.read(ckpt), warnings.append)
+    engine = runners.load(checkpoint.read(ckpt), warnings.append)
     assert engine.name == "savedmodel" and "does not match the checksum" in warnings[0]
     result = CliRunner().invoke(cli, ["predict", "--model", str(ckpt), str(place / "seven.png")])
     assert "does not match the checksum" in result.stderr
     assert "savedmodel" in result.stdout
 
 
-def test_evaluate_prints_its_report_before_the_errors_picture_fails(place):
+def test_evaluate_refuses_an_errors_picture_it_cannot_write_before_any_work(place):
+    """--errors under a file: refused before the evaluation runs (once, the report was
+    printed and the picture failed after it), so no minutes are spent on a run whose picture
+    cannot be written, and nothing is created."""
+    before = tree_hashes(place)
     result = CliRunner().invoke(
         cli,
         ["evaluate", str(place / "ckpt"), "--json", "--errors", str(place / "afile" / "x.png")],
     )
     assert result.exit_code == 1 and "afile" in result.stderr
-    assert json.loads(result.stdout)["n"] == 10000  # the report itself was not lost
+    assert result.stdout == ""  # refused before the evaluation: no report
+    assert tree_hashes(place) == before
 
 
 def test_evaluate_replaces_an_existing_errors_picture_atomically(place):
     target = place / "errors.png"
-    target.write_bytes(b"old")
+    Image.new("L", (4, 4)).save(target)  # an old picture (a file that is not one is refused)
     result = CliRunner().invoke(cli, ["evaluate", str(place / "ckpt"), "--errors", str(target)])
     assert result.exit_code == 0, result.output
     assert f"replaced {target}" in result.stderr
@@ -279,6 +285,14 @@ def test_evaluate_replaces_an_existing_errors_picture_atomically(place):
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not a temporary's
     assert [p.name for p in place.iterdir() if p.name.startswith(".errors")] == []
+
+
+def test_evaluate_does_not_replace_a_file_that_is_not_a_picture(place):
+    target = place / "errors.png"
+    target.write_bytes(b"a user's notes")
+    result = CliRunner().invoke(cli, ["evaluate", str(place / "ckpt"), "--errors", str(target)])
+    assert result.exit_code == 1 and "is not a PNG picture" in result.stderr
+    assert target.read_bytes() == b"a user's notes"
 
 
 def test_stdout_on_a_full_device_is_one_line(tmp_path):
@@ -297,7 +311,7 @@ def test_stdout_on_a_full_device_is_one_line(tmp_path):
 def test_a_star_in_out_is_a_character_not_a_pattern(tmp_path):
     other = tmp_path / ".ab.old-999999-0"  # another checkpoint's crash backup
     other.mkdir()
-    checkpoint.recover(tmp_path / "a*")
+    files.recover(tmp_path / "a*")
     assert other.exists() and not (tmp_path / "a*").exists()
 
 
@@ -412,7 +426,7 @@ def test_fuzzed_metadata_is_read_or_refused_with_a_message(field, value, tmp_pat
     except CheckpointError as e:
         assert str(ckpt) in str(e)
         return
-    from cnnmnist.console import metadata_summary
+    from cnnmnist.render import metadata_summary
 
     metadata_summary(str(ckpt), read.metadata)  # what `inspect` renders must not crash
 
@@ -433,18 +447,29 @@ def test_fuzzed_resume_state_is_read_or_refused_with_a_message(field, value, tmp
 
 @pytest.mark.parametrize(
     "args",
-    [["predict", "--model", "ckpt", "."], ["inspect", "ckpt"], ["train", "--out", "new/ckpt"]],
+    [
+        ["predict", "--model", "ckpt", "seven.png"],
+        ["inspect", "ckpt"],
+        ["train", "--out", "new/ckpt"],
+    ],
 )
 def test_permission_errors_are_one_line(args, place, monkeypatch):
-    """As root (CI) nothing is unreadable, so the OS refusal is simulated where it happens."""
+    """As root (CI) nothing is unreadable, so the OS refusal is simulated where it happens:
+    predict opening an image file, inspect opening the metadata, train making a folder."""
     import pathlib
 
-    def refuse(self, *a, **k):
-        raise PermissionError(13, "Permission denied", str(self))
+    from cnnmnist.preprocess import read
 
-    target = {"predict": "iterdir", "inspect": "read_text", "train": "mkdir"}[args[0]]
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    owner, name = {
+        "predict": (read, "open"),  # the module's own `open`, in front of the builtin
+        "inspect": (files, "open"),
+        "train": (pathlib.Path, "mkdir"),
+    }[args[0]]
     monkeypatch.chdir(place)
-    monkeypatch.setattr(pathlib.Path, target, refuse)
+    monkeypatch.setattr(owner, name, refuse, raising=False)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output
     assert "Permission denied" in result.output and "Traceback" not in result.output

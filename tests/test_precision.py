@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from cnnmnist import loop, model, presets, runtime, train
-from cnnmnist.errors import UsageError
+from cnnmnist import hardware, presets
+from cnnmnist.errors import CnnmnistError, UsageError
 
 
 @pytest.mark.parametrize(
@@ -25,7 +25,7 @@ from cnnmnist.errors import UsageError
     ],
 )
 def test_resolve_precision(choice, flags, gpu, policy):
-    assert runtime.resolve_precision(choice, flags, gpu) == policy
+    assert hardware.resolve_precision(choice, flags, gpu) == policy
 
 
 BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}
@@ -39,15 +39,15 @@ def test_onednn_held_under_avx512_makes_a_cpu_without_native_bfloat16(monkeypatc
         ("", None),
     ]:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", value)
-        assert runtime.onednn_cap() == cap
-    assert runtime.resolve_precision("auto", BF16_CPU, False, "AVX2") == "float32"
-    assert runtime.resolve_precision("float32", BF16_CPU, False, "AVX2") == "float32"
-    assert runtime.resolve_precision("float16", BF16_CPU, False, "AVX2") == "mixed_float16"
+        assert hardware.onednn_cap() == cap
+    assert hardware.resolve_precision("auto", BF16_CPU, False, "AVX2") == "float32"
+    assert hardware.resolve_precision("float32", BF16_CPU, False, "AVX2") == "float32"
+    assert hardware.resolve_precision("float16", BF16_CPU, False, "AVX2") == "mixed_float16"
     # A CPU without native bfloat16 emulates it whatever the cap; a GPU computes it itself.
-    assert runtime.resolve_precision("bfloat16", {"avx2"}, False, "AVX2") == "mixed_bfloat16"
-    assert runtime.resolve_precision("bfloat16", BF16_CPU, True, "AVX2") == "mixed_bfloat16"
+    assert hardware.resolve_precision("bfloat16", {"avx2"}, False, "AVX2") == "mixed_bfloat16"
+    assert hardware.resolve_precision("bfloat16", BF16_CPU, True, "AVX2") == "mixed_bfloat16"
     with pytest.raises(UsageError, match="ONEDNN_MAX_CPU_ISA=AVX2.*--precision float32"):
-        runtime.resolve_precision("bfloat16", BF16_CPU, False, "AVX2")
+        hardware.resolve_precision("bfloat16", BF16_CPU, False, "AVX2")
 
 
 def test_auto_trains_in_float32_with_onednn_held_to_avx2(tmp_path, mnist_dir):
@@ -68,7 +68,7 @@ def test_auto_trains_in_float32_with_onednn_held_to_avx2(tmp_path, mnist_dir):
 
 
 def test_cpu_flags_reads_this_machine():
-    flags = runtime.cpu_flags()
+    flags = hardware.cpu_flags()
     assert isinstance(flags, set)
     if flags:
         assert "sse2" in flags or "fp" in flags or "asimd" in flags
@@ -80,38 +80,41 @@ def test_chapter_presets_stay_float32():
 
 
 def test_bfloat16_run_learns_and_exports_float32_probabilities(tmp_path, mnist_dir, mnist):
-    if not runtime.cpu_flags() & runtime.NATIVE_BF16:
+    if not hardware.cpu_flags() & hardware.NATIVE_BF16:
         pytest.skip("this CPU has no native bfloat16")
     import keras
+
+    from cnnmnist import training
 
     recipe = presets.get("seed").with_overrides(
         precision="bfloat16", epochs=1, train_size=30000, validation_size=1000, seed=1
     )
-    result = train.run(
-        recipe, train.Options(data_dir=mnist_dir, out=tmp_path / "bf16")
+    result = training.run(
+        recipe, training.Options(data_dir=mnist_dir, out=tmp_path / "bf16")
     )  # 300 steps
     assert result.test_accuracy > 0.9  # chance is 0.1; float32 gets ~0.95 here
     assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
-    from cnnmnist import checkpoint
+    from cnnmnist import checkpoint, runners
 
     ckpt = checkpoint.read(tmp_path / "bf16")
     assert ckpt.metadata["dtype_policy"] == "mixed_bfloat16"
-    probs = ckpt.predict(mnist.test_images[:100])
+    probs = runners.load(ckpt, fast=False).probabilities(mnist.test_images[:100])
     assert probs.dtype.name == "float32" and abs(float(probs.sum()) - 100) < 1e-2
 
 
 def test_the_precision_flag_reaches_the_recipe(monkeypatch):
     from click.testing import CliRunner
 
+    from cnnmnist import training
     from cnnmnist.cli import cli
 
     seen = {}
 
     def fake_run(recipe, options):
         seen["recipe"] = recipe
-        raise train.CnnmnistError("stop here")
+        raise CnnmnistError("stop here")
 
-    monkeypatch.setattr(train, "run", fake_run)
+    monkeypatch.setattr(training, "run", fake_run)
     result = CliRunner().invoke(cli, ["train", "--precision", "bfloat16", "--epochs", "2"])
     assert result.exit_code == 1 and "stop here" in result.output
     assert seen["recipe"].precision == "bfloat16" and seen["recipe"].epochs == 2
@@ -124,10 +127,12 @@ def test_the_gpu_path_float16_loss_scaling_and_xla_learns_on_cpu(mnist):
     import keras
     import tensorflow as tf
 
+    from cnnmnist.training import loop, network, runtime
+
     recipe = presets.get("mlp")
     x, y = mnist.split("train", 5000)
     with runtime.global_policy("mixed_float16"):
-        net = model.compile_model(recipe, 100)
+        net = network.compiled(recipe, 100)
         assert isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer)
         net.jit_compile = True  # Keras's choice on a GPU; on a CPU it says False
         trainer = loop.Loop(net, tf.distribute.get_strategy(), 100, chunk=loop.CHUNK)
@@ -149,8 +154,10 @@ def test_every_preset_steps_under_xla_where_keras_would_compile_it(name, mnist):
     import numpy as np
     import tensorflow as tf
 
+    from cnnmnist.training import loop, network
+
     recipe = presets.get(name)
-    net = model.compile_model(recipe, 2)
+    net = network.compiled(recipe, 2)
     refusing = [type(layer).__name__ for layer in net.layers if not layer.supports_jit]
     assert set(refusing) <= set(NO_XLA), refusing
     net.jit_compile = True  # Keras's choice on a GPU; it stays False if a layer refuses

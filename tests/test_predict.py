@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageDraw, ImageFilter
 
-from cnnmnist import checkpoint, serving
-from cnnmnist import predict as P
+from cnnmnist import checkpoint, preprocess, runners
 from cnnmnist.cli import cli
+from cnnmnist.preprocess import mnist as mnist_stage  # the `mnist` fixture has the name
+from cnnmnist.preprocess import paper as paper_stage
+from cnnmnist.preprocess import rules
 
 N = 1000
 
@@ -30,7 +32,8 @@ def accuracy(rows, labels):
 @pytest.fixture(scope="module")
 def array_accuracy(trained, mnist):
     """The model's accuracy on the first N test digits fed as arrays (the SavedModel itself)."""
-    probs = checkpoint.read(trained.checkpoint).predict(mnist.test_images[:N])
+    saved_model = runners.load(checkpoint.read(trained.checkpoint), fast=False)
+    probs = saved_model.probabilities(mnist.test_images[:N])
     return float((probs.argmax(axis=1) == mnist.test_labels[:N]).mean())
 
 
@@ -82,19 +85,22 @@ def test_photographed_digits_within_two_points(tmp_path, trained, mnist, round_t
 def test_preprocessing_is_nearly_the_identity_on_mnist(mnist):
     # Measured: about 0.15 grey levels per pixel on average (0.06 before the thinning of
     # strokes wider than MNIST's, which touches a few of its thickest digits).
-    assert P.mean_abs_change(mnist.test_images[:300]) < 0.5
+    assert preprocess.mean_abs_change(mnist.test_images[:300]) < 0.5
 
 
 def test_fast_path_matches_the_saved_model(trained, mnist):
+    from cnnmnist import export
+
     meta = checkpoint.read(trained.checkpoint).metadata["fast_path"]
     assert meta["file"] == checkpoint.TFLITE
-    assert meta["checked_on"] == checkpoint.TFLITE_CHECK_IMAGES
-    model = serving.engine(checkpoint.read(trained.checkpoint))
+    assert meta["checked_on"] == export.TFLITE_CHECK_IMAGES
+    model = runners.load(checkpoint.read(trained.checkpoint))
     assert model.name == "tflite"
     fast = model.probabilities(mnist.test_images[:2000])
-    authority = checkpoint.read(trained.checkpoint).predict(mnist.test_images[:2000])
+    saved_model = runners.load(checkpoint.read(trained.checkpoint), fast=False)
+    authority = saved_model.probabilities(mnist.test_images[:2000])
     assert np.array_equal(fast.argmax(axis=1), authority.argmax(axis=1))
-    np.testing.assert_allclose(fast, authority, atol=checkpoint.TFLITE_TOLERANCE)
+    np.testing.assert_allclose(fast, authority, atol=export.TFLITE_TOLERANCE)
 
 
 def test_without_the_fast_copy_the_saved_model_answers(tmp_path, trained, mnist):
@@ -195,7 +201,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
         + chunk(b"IDAT", zlib.compress(b"\0" * 10))
         + chunk(b"IEND", b"")
     )
-    prepared = P.prepare("bomb.png", png)
+    prepared = preprocess.prepare("bomb.png", png)
     assert prepared.pixels is None and "refusing to decode" in prepared.error
 
 
@@ -204,7 +210,7 @@ def test_a_float_image_with_infinite_pixels_is_an_error_naming_it():
     pixels[10:30, 18:22] = np.inf
     blob = io.BytesIO()
     Image.fromarray(pixels, mode="F").save(blob, format="TIFF")
-    prepared = P.prepare("inf.tif", blob.getvalue())
+    prepared = preprocess.prepare("inf.tif", blob.getvalue())
     assert prepared.pixels is None and prepared.error.startswith("inf.tif: ")
     assert "not finite" in prepared.error
 
@@ -218,10 +224,10 @@ def test_a_float_image_with_infinite_pixels_is_an_error_naming_it():
 )
 def test_preprocessing_gives_28x28_uint8_or_our_error(array):
     try:
-        pixels, _ = P.to_mnist(
-            P.ink_map(array.astype(np.float64) / 255.0) if array.ndim == 2 else array
+        pixels, _ = preprocess.to_mnist(
+            preprocess.ink_map(array.astype(np.float64) / 255.0) if array.ndim == 2 else array
         )
-    except P.ImageError:
+    except preprocess.ImageError:
         return
     assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
 
@@ -256,11 +262,13 @@ def test_exif_orientation_turns_a_photo_upright(orientation, mnist):
     stored.save(blob, format="PNG", exif=exif.tobytes())
     plain = io.BytesIO()
     upright.save(plain, format="PNG")
-    got = P.prepare("photo.png", blob.getvalue())
-    want = P.prepare("upright.png", plain.getvalue())
+    got = preprocess.prepare("photo.png", blob.getvalue())
+    want = preprocess.prepare("upright.png", plain.getvalue())
     assert got.error is None and np.array_equal(got.pixels, want.pixels)
     if orientation in (5, 6, 7, 8):  # a quarter turn: ignoring the tag gives another input
-        assert not np.array_equal(P.prepare("raw.png", _without_exif(stored)).pixels, want.pixels)
+        assert not np.array_equal(
+            preprocess.prepare("raw.png", _without_exif(stored)).pixels, want.pixels
+        )
 
 
 def _without_exif(image) -> bytes:
@@ -299,9 +307,9 @@ def _as_photo(digit: np.ndarray, light: float, noise: float, size: int = 300):
 @pytest.mark.parametrize("light", [0, 60, 110])
 def test_unevenly_lit_paper_keeps_the_strokes(mnist, light):
     digit = mnist.test_images[3]
-    prepared = P.prepare("photo.png", _as_photo(digit, light, noise=6))
+    prepared = preprocess.prepare("photo.png", _as_photo(digit, light, noise=6))
     assert prepared.pixels.any(), "the strokes were taken for paper noise"
-    clean = P.to_mnist(P.ink_map(digit / 255.0))[0].astype(float)
+    clean = preprocess.to_mnist(preprocess.ink_map(digit / 255.0))[0].astype(float)
     got = prepared.pixels.astype(float)
     assert np.corrcoef(clean.ravel(), got.ravel())[0, 1] > 0.85
 
@@ -314,8 +322,8 @@ def test_a_digit_scanned_small_is_enlarged_back_to_itself(mnist, side, floor):
     same = []
     for digit in mnist.test_images[:200]:
         small = np.asarray(Image.fromarray(digit).resize((side, side), Image.BOX)) / 255
-        got = P.to_mnist(P.ink_map(small))[0].astype(float).ravel()
-        want = P.to_mnist(P.ink_map(digit / 255))[0].astype(float).ravel()
+        got = preprocess.to_mnist(preprocess.ink_map(small))[0].astype(float).ravel()
+        want = preprocess.to_mnist(preprocess.ink_map(digit / 255))[0].astype(float).ravel()
         same.append(np.corrcoef(got, want)[0, 1])
     assert np.mean(same) > floor
 
@@ -329,7 +337,7 @@ def test_a_low_resolution_digit_cropped_to_its_ink_is_still_read(tall):
     small = ring.resize((round(40 * tall / 60), tall), Image.BOX)
     blob = io.BytesIO()
     small.resize((small.width * 4, small.height * 4), Image.BILINEAR).save(blob, format="PNG")
-    prepared = P.prepare("scan.png", blob.getvalue())
+    prepared = preprocess.prepare("scan.png", blob.getvalue())
     assert (prepared.pixels > 128).sum() > 60  # the ring, not a blank image
 
 
@@ -346,8 +354,8 @@ def test_a_photo_darker_in_the_corners_reads_like_the_clean_digit(mnist, dark):
     corners took the paper for ink (mean correlation 0.37 at 0.5 and 0.6)."""
     same = []
     for digit in mnist.test_images[:20]:
-        clean = P.to_mnist(P.ink_map(digit / 255.0))[0].astype(float)
-        got = P.prepare("v.png", _vignetted(digit, dark)).pixels.astype(float)
+        clean = preprocess.to_mnist(preprocess.ink_map(digit / 255.0))[0].astype(float)
+        got = preprocess.prepare("v.png", _vignetted(digit, dark)).pixels.astype(float)
         same.append(np.corrcoef(clean.ravel(), got.ravel())[0, 1] if got.any() else 0.0)
     assert np.mean(same) > 0.9
 
@@ -370,8 +378,8 @@ def test_a_blurred_scan_cropped_tight_reads_as_with_a_margin(mnist, tall):
     middle for the paper thinned the strokes to broken lines (mean correlation 0.75)."""
     same = []
     for digit in mnist.test_images[:30]:
-        tight = P.prepare("tight.png", _scan(digit, tall, 0)).pixels.astype(float)
-        margin = P.prepare("margin.png", _scan(digit, tall, 12)).pixels.astype(float)
+        tight = preprocess.prepare("tight.png", _scan(digit, tall, 0)).pixels.astype(float)
+        margin = preprocess.prepare("margin.png", _scan(digit, tall, 12)).pixels.astype(float)
         same.append(np.corrcoef(tight.ravel(), margin.ravel())[0, 1] if tight.any() else 0.0)
     assert np.mean(same) > 0.88
 
@@ -383,8 +391,8 @@ def test_a_bold_scan_cropped_tight_keeps_its_polarity(mnist):
     same = []
     for digit in mnist.test_images[:60]:
         bold = np.asarray(Image.fromarray(digit).filter(ImageFilter.MaxFilter(3)))
-        tight = P.prepare("tight.png", _scan(bold, 8, 0)).pixels.astype(float)
-        margin = P.prepare("margin.png", _scan(bold, 8, 12)).pixels.astype(float)
+        tight = preprocess.prepare("tight.png", _scan(bold, 8, 0)).pixels.astype(float)
+        margin = preprocess.prepare("margin.png", _scan(bold, 8, 12)).pixels.astype(float)
         same.append(np.corrcoef(tight.ravel(), margin.ravel())[0, 1] if tight.any() else 0.0)
     assert sum(c < 0.5 for c in same) <= 2 and np.mean(same) > 0.88
 
@@ -399,12 +407,12 @@ def test_an_enlarged_small_digit_gets_steep_edges_like_mnist(mnist):
     steeper = []
     for digit in mnist.test_images[:20]:
         small = np.asarray(Image.fromarray(digit).resize((8, 8), Image.BOX))
-        enlarged = P.to_mnist(P.ink_map(small / 255.0))[0]
+        enlarged = preprocess.to_mnist(preprocess.ink_map(small / 255.0))[0]
         # The same few pixels merely interpolated up to the 20-pixel box:
-        ink = P.ink_map(small / 255.0)
+        ink = preprocess.ink_map(small / 255.0)
         rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
         crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
-        scale = P.BOX / max(crop.shape)
+        scale = mnist_stage.BOX / max(crop.shape)
         size = (round(crop.shape[1] * scale), round(crop.shape[0] * scale))
         plain = np.asarray(Image.fromarray(crop, mode="F").resize(size, Image.BILINEAR)) * 255
         steeper.append(mid_grey_share(plain) - mid_grey_share(enlarged))
@@ -416,7 +424,7 @@ def test_stroke_width_measures_a_ring(width):
     ring = Image.new("L", (200, 200), 0)
     ImageDraw.Draw(ring).ellipse([20, 20, 180, 180], outline=255, width=width * 8)
     ink = np.asarray(ring.resize((25, 25), Image.BOX)) / 255.0
-    assert P.stroke_width(ink) == pytest.approx(width, abs=0.2)
+    assert mnist_stage.stroke_width(ink) == pytest.approx(width, abs=0.2)
 
 
 def _marker(digit: np.ndarray, pen: int) -> bytes:
@@ -436,13 +444,16 @@ def test_a_digit_drawn_with_a_marker_gets_strokes_as_wide_as_mnists(mnist, monke
     digits = mnist.test_images[:30]
 
     def widths():
-        return [P.stroke_width(P.prepare("m.png", _marker(d, 13)).pixels / 255) for d in digits]
+        return [
+            mnist_stage.stroke_width(preprocess.prepare("m.png", _marker(d, 13)).pixels / 255)
+            for d in digits
+        ]
 
-    limit, thinned, own = P.MAX_STROKE, widths(), P.prepare_pixels(digits)
+    limit, thinned, own = mnist_stage.MAX_STROKE, widths(), preprocess.prepare_pixels(digits)
     assert np.median(thinned) < limit and max(thinned) < limit + 0.25
-    monkeypatch.setattr(P, "MAX_STROKE", np.inf)  # the same, not thinned
+    monkeypatch.setattr(mnist_stage, "MAX_STROKE", np.inf)  # the same, not thinned
     assert np.median(widths()) > limit + 0.5
-    assert (P.prepare_pixels(digits) == own).all(axis=(1, 2)).mean() > 0.9
+    assert (preprocess.prepare_pixels(digits) == own).all(axis=(1, 2)).mean() > 0.9
 
 
 def test_salt_and_pepper_on_clean_paper_is_removed_before_cropping(mnist):
@@ -451,15 +462,15 @@ def test_salt_and_pepper_on_clean_paper_is_removed_before_cropping(mnist):
     the whole image (mean correlation 0.39)."""
     from cnnmnist import corruptions
 
-    clean = P.prepare_pixels(mnist.test_images[:50]).astype(float)
-    salted = P.prepare_pixels(corruptions.apply("impulse_noise", mnist.test_images[:50]))
+    clean = preprocess.prepare_pixels(mnist.test_images[:50]).astype(float)
+    salted = preprocess.prepare_pixels(corruptions.apply("impulse_noise", mnist.test_images[:50]))
     same = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(clean, salted, strict=True)]
     assert np.mean(same) > 0.7  # a few clusters of salt outlast the median
     # A clean digit, with its own stray pixel or two, is left as it is.
     digit = mnist.test_images[0].copy()
     digit[1, 1] = digit[26, 3] = 200
-    assert P._specks(digit > 5) == 2
-    assert np.array_equal(P.ink_map(digit / 255.0), digit / 255.0)
+    assert paper_stage._specks(digit > 5) == 2
+    assert np.array_equal(preprocess.ink_map(digit / 255.0), digit / 255.0)
 
 
 def _notebook(digit: np.ndarray, lines: str, tilt: float, grey: int, size: int = 300) -> bytes:
@@ -480,16 +491,18 @@ def _notebook(digit: np.ndarray, lines: str, tilt: float, grey: int, size: int =
 def test_a_notebooks_lines_are_not_taken_for_the_digit(mnist, monkeypatch, lines, tilt, grey):
     """Ruled or squared paper: lines across the page stretched the digit's box to all of it."""
     digits = mnist.test_images[:12]
-    plain = [P.prepare("p.png", _notebook(d, "", 0, grey)).pixels.astype(float) for d in digits]
+    plain = [
+        preprocess.prepare("p.png", _notebook(d, "", 0, grey)).pixels.astype(float) for d in digits
+    ]
 
     def agreement():
-        got = [P.prepare("n.png", _notebook(d, lines, tilt, grey)).pixels for d in digits]
+        got = [preprocess.prepare("n.png", _notebook(d, lines, tilt, grey)).pixels for d in digits]
         same = zip(plain, got, strict=True)
         return np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in same])
 
     assert agreement() > 0.9
-    monkeypatch.setattr(P, "without_rules", lambda ink, level: ink)
-    monkeypatch.setattr(P, "_without_slivers", lambda ink, level: ink)  # the lines' ends
+    monkeypatch.setattr(rules, "without_rules", lambda ink, level: ink)
+    monkeypatch.setattr(rules, "without_slivers", lambda ink, level: ink)  # the lines' ends
     assert agreement() < 0.6
 
 
@@ -508,15 +521,20 @@ def test_a_lines_end_along_the_edge_is_not_taken_for_the_digit(mnist, monkeypatc
     page = Image.new("L", (300, 300), 235)
     ImageDraw.Draw(page).line(sliver, fill=150, width=3)
     with_sliver = np.asarray(page, dtype=np.float64)
-    plain = [P.prepare("p.png", _on_paper(d, np.full((300, 300), 235.0), 30, 168)) for d in digits]
+    plain = [
+        preprocess.prepare("p.png", _on_paper(d, np.full((300, 300), 235.0), 30, 168))
+        for d in digits
+    ]
 
     def agreement():
-        got = [P.prepare("s.png", _on_paper(d, with_sliver, 30, 168)).pixels for d in digits]
+        got = [
+            preprocess.prepare("s.png", _on_paper(d, with_sliver, 30, 168)).pixels for d in digits
+        ]
         same = zip(plain, got, strict=True)
         return np.mean([np.corrcoef(a.pixels.ravel(), b.ravel())[0, 1] for a, b in same])
 
     assert agreement() > 0.9
-    monkeypatch.setattr(P, "_without_slivers", lambda ink, level: ink)
+    monkeypatch.setattr(rules, "without_slivers", lambda ink, level: ink)
     assert agreement() < 0.6
 
 
@@ -530,7 +548,7 @@ def test_a_line_near_the_edge_under_the_digit_is_removed(mnist, gap):
         ink = ink[: below + 10]
         lined = ink.copy()
         lined[below : below + 2] = 0.6
-        out, strokes = P.without_rules(lined, P.INK_FLOOR), ink > 0.5
+        out, strokes = rules.without_rules(lined, paper_stage.INK_FLOOR), ink > 0.5
         assert not out[below:].any()
         assert np.array_equal(out[strokes], ink[strokes])  # a blurred edge may lose a row
 
@@ -561,9 +579,9 @@ def test_a_dim_page_cropped_along_its_lines_is_read_as_paper(mnist, edges, towar
     page, plain, same = _dim_squared_page(edges, towards), np.full((400, 400), 235.0), []
     for digit in mnist.test_images[:12]:
         blob = _on_paper(digit, page, 50, 224, noise=6)
-        assert P._light_paper(P.decode(blob, "d.png")[0])
-        got = P.prepare("d.png", blob).pixels.ravel()
-        want = P.prepare("p.png", _on_paper(digit, plain, 30, 224)).pixels.ravel()
+        assert paper_stage._light_paper(preprocess.decode(blob, "d.png")[0])
+        got = preprocess.prepare("d.png", blob).pixels.ravel()
+        want = preprocess.prepare("p.png", _on_paper(digit, plain, 30, 224)).pixels.ravel()
         same.append(np.corrcoef(want, got)[0, 1])
     assert np.mean(same) > 0.9
 
@@ -577,7 +595,7 @@ def test_a_lines_end_along_the_edge_does_not_keep_the_page_lined(mnist):
         ink[at : at + 2] = np.maximum(ink[at : at + 2], 0.6)
         ink[:, at : at + 2] = np.maximum(ink[:, at : at + 2], 0.6)
     ink[398:, :150] = 0.6  # a line leaving the image at its bottom edge
-    out = P.without_rules(ink, P.INK_FLOOR)
+    out = rules.without_rules(ink, paper_stage.INK_FLOOR)
     assert not out[:398][digit[:398] == 0].any()
     assert (out[digit > 0.5] > 0).mean() > 0.95  # where a line crosses a stroke's end, it goes
 
@@ -612,8 +630,8 @@ def test_a_thin_digits_own_bars_are_not_ruled_lines(strokes, margin, turn):
     """Cropped close, a thin pen's bar, stem or foot crosses most of the image, as a ruled
     line does, and may lie along its edge; it must stay."""
     ink = 1 - _thin_digit(strokes, margin, turn=turn)
-    assert np.array_equal(P.without_rules(ink, P.INK_FLOOR), ink)
-    assert np.array_equal(P._without_slivers(ink, P.INK_FLOOR), ink)
+    assert np.array_equal(rules.without_rules(ink, paper_stage.INK_FLOOR), ink)
+    assert np.array_equal(rules.without_slivers(ink, paper_stage.INK_FLOOR), ink)
 
 
 @pytest.mark.parametrize("side", [32, 64])
@@ -623,7 +641,7 @@ def test_a_uniform_grey_image_is_blank_not_a_crash(side, level):
     digit cropped tight kept only pixels under it, and rounding left none."""
     blob = io.BytesIO()
     Image.fromarray(np.full((side, side), level, np.uint8)).save(blob, format="PNG")
-    prepared = P.prepare("grey.png", blob.getvalue())
+    prepared = preprocess.prepare("grey.png", blob.getvalue())
     assert prepared.error is None and not prepared.pixels.any()
     assert prepared.warnings == ["no ink found: the image looks blank"]
 
@@ -634,5 +652,5 @@ def test_a_faint_image_the_contrast_curve_empties_is_blank():
     image = np.full((6, 25), 128, np.uint8)
     image[0, 0] = image[0, 2] = image[4, 5] = image[5, 7] = 0
     image[5, 5] = 90
-    pixels, warnings = P.to_mnist(P.ink_map(image / 255.0))
+    pixels, warnings = preprocess.to_mnist(preprocess.ink_map(image / 255.0))
     assert not pixels.any() and warnings[-1] == "no ink found: the image looks blank"

@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from cnnmnist import model, presets
 from cnnmnist.cli import cli
 from cnnmnist.errors import UsageError
+from cnnmnist.model import optimizers
 
 
 def test_reference_presets_are_registered_with_reference_accuracy():
@@ -142,20 +143,27 @@ def test_every_registered_architecture_maps_pixels_to_ten_logits(name):
     import numpy as np
 
     recipe = dataclasses.replace(presets.get("seed"), model=name)
-    net = model.build(recipe)
+    net = model.build(recipe.model)
     logits = net(np.zeros((2, 28, 28, 1), np.float32), training=False)
     assert tuple(logits.shape) == (2, 10) and net.name == name
 
 
-@pytest.mark.parametrize("name", sorted(model.OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(optimizers.OPTIMIZERS))
 def test_every_registered_optimizer_takes_a_step(name):
     import keras
 
     variable = keras.Variable([1.0, -1.0])
-    opt = model.optimizer(name, 0.1)
+    opt = optimizers.build(name, 0.1)
     opt.apply([keras.ops.convert_to_tensor([1.0, -1.0])], [variable])
     assert isinstance(opt, keras.optimizers.Optimizer)
     assert abs(float(variable.numpy()[0])) < 1.0  # moved against the gradient
+
+
+def test_the_preset_names_are_the_model_sides_registries_in_order():
+    """presets keeps stdlib tuples of the names (no TensorFlow at start-up); they must be the
+    model side's registries, in the same order."""
+    assert presets.ARCHITECTURES == tuple(model.ARCHITECTURES)
+    assert presets.OPTIMIZERS == tuple(optimizers.OPTIMIZERS)
 
 
 def test_an_unknown_architecture_is_a_usage_error_with_a_suggestion():

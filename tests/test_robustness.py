@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cnnmnist import corruptions, evaluate
+from cnnmnist import corruptions, sheets
 from cnnmnist.cli import cli
 
 
@@ -140,8 +140,8 @@ def test_evaluate_images_errors_draws_the_original_beside_the_input(trained, tmp
     mistakes = report["n"] - report["correct"]
     assert mistakes >= 10  # every label is wrong; only a model's own mistake can match it
     picture = Image.open(target)
-    assert picture.size == evaluate.error_grid_size(mistakes, originals=True)
-    left = np.asarray(picture)[: 28 * evaluate.ERROR_SCALE, : 28 * evaluate.ERROR_SCALE]
+    assert picture.size == sheets.size(mistakes, originals=True)
+    left = np.asarray(picture)[: sheets.SIDE, : sheets.SIDE]
     assert (left < 128).any() and (left > 128).any()  # the original: dark ink on light paper
 
 
@@ -176,9 +176,9 @@ def test_images_does_not_mix_with_options_of_the_dataset(trained, tmp_path):
 def test_user_like_augmentation_trains_on_degraded_digits_and_serves_them_as_given(mnist):
     import keras
 
-    from cnnmnist import model
+    from cnnmnist.model import layers
 
-    layer = model.user_like()(rate=0.5, seed=3)
+    layer = layers.UserLike(rate=0.5, seed=3)
     images = mnist.test_images[:400].reshape(-1, 28, 28, 1).astype("float32") / 255
     trained = keras.ops.convert_to_numpy(layer(images, training=True))
     assert np.array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
@@ -194,9 +194,9 @@ def test_user_like_augmentation_trains_on_degraded_digits_and_serves_them_as_giv
 def test_marks_augmentation_draws_each_kind_of_mark_on_its_share_and_serves_as_given(mnist):
     import keras
 
-    from cnnmnist import model
+    from cnnmnist.model import layers
 
-    layer = model.marks()(rate=0.45, seed=5)  # 9 units of 20 images: 40 per mark, 20 moved
+    layer = layers.Marks(rate=0.45, seed=5)  # 9 units of 20 images: 40 per mark, 20 moved
     images = mnist.test_images[:400].reshape(-1, 28, 28, 1).astype("float32") / 255
     marked = keras.ops.convert_to_numpy(layer(images, training=True))
     assert np.array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
@@ -237,7 +237,7 @@ def test_marks_augmentation_draws_each_kind_of_mark_on_its_share_and_serves_as_g
     # replica's 32 images still one of each mark.
     for size, drawn in ((128, 18), (32, 4)):
         batch = images[:size]
-        change = np.abs(model.marks()(seed=5)(batch, training=True) - batch).max(axis=(1, 2, 3))
+        change = np.abs(layers.Marks(seed=5)(batch, training=True) - batch).max(axis=(1, 2, 3))
         assert not (change[:-drawn] > 1e-3).any() and (change[-drawn:] > 1e-3).mean() >= 0.75
 
 
@@ -247,10 +247,10 @@ def test_user_like_low_resolution_is_tensorflows_antialiased_resize(side):
     an antialiased resize down and a bilinear one back up."""
     import tensorflow as tf
 
-    from cnnmnist import model
+    from cnnmnist.model import layers
 
     images = np.random.default_rng(side).random((8, 28, 28, 1)).astype(np.float32)
-    there_and_back = model.resampling(28, side) @ model.resampling(side, 28)
+    there_and_back = layers.resampling(28, side) @ layers.resampling(side, 28)
     ours = np.einsum("ij,bjkc,lk->bilc", there_and_back, images, there_and_back)
     low = tf.image.resize(images, (side, side), antialias=True)
     theirs = tf.image.resize(low, (28, 28)).numpy()
@@ -260,9 +260,9 @@ def test_user_like_low_resolution_is_tensorflows_antialiased_resize(side):
 def test_stretch_passes_mnist_through_and_reads_grey_paper_as_black(mnist):
     import keras
 
-    from cnnmnist import model
+    from cnnmnist.model import layers
 
-    layer = model.stretch()()
+    layer = layers.Stretch()
     images = mnist.test_images.reshape(-1, 28, 28, 1)
     scaled = images.astype("float32") / 255
     # Every MNIST digit spans the full range: exactly what the network was trained on.
@@ -285,9 +285,9 @@ def test_the_presets_models_read_grey_paper_straight_from_their_input(name, mnis
     a washed-out image as for the clean one; the book's presets stay as the book has them."""
     from cnnmnist import model, presets
 
-    net = model.build(presets.get(name))
+    net = model.build(presets.get(name).model)
     images = mnist.test_images[:200]
     clean = net.predict(images.reshape(-1, 28, 28, 1).astype("float32"), verbose=0)
     washed = corruptions.apply("contrast", images).reshape(-1, 28, 28, 1).astype("float32")
     np.testing.assert_allclose(net.predict(washed, verbose=0), clean, rtol=0.02, atol=0.02)
-    assert "stretch" not in [layer.name for layer in model.build(presets.get("seed")).layers]
+    assert "stretch" not in [layer.name for layer in model.build(presets.get("seed").model).layers]

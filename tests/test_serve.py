@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnmnist import serve
 from cnnmnist.cli import cli
+from cnnmnist.server.app import MAX_BODY
+from cnnmnist.server.listen import Options, Server, open_server
 
 NAME = "cnnmnist"
 
@@ -49,11 +50,17 @@ class Client:
         return response.status, data
 
 
+def _in_process(ckpt) -> Server:
+    """A server for `ckpt` on a free loopback port, answering any Host name (as `serve`
+    makes it, bound and not yet running)."""
+    running, _ = open_server(ckpt, "127.0.0.1", 0, Options(name=NAME, allow_hosts=("*",)), print)
+    return running
+
+
 @pytest.fixture(scope="module")
 def server(trained):
     """`trained`'s checkpoint served in this process on a free port."""
-    model = serve.Model(trained.checkpoint, NAME, warn=print)
-    running = serve.Server(model, "127.0.0.1", 0)
+    running = _in_process(trained.checkpoint)
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     yield Client(running.port)
@@ -64,7 +71,7 @@ def server(trained):
 @pytest.fixture(scope="module")
 def reference(trained):
     """The SavedModel's own serving signature."""
-    from cnnmnist.serving import SavedModel
+    from cnnmnist.runners import SavedModel
 
     return SavedModel(trained.checkpoint)
 
@@ -163,12 +170,12 @@ def test_a_body_over_the_limit_is_413_before_it_is_sent(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
         raw.sendall(
             f"POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: x\r\n"
-            f"Content-Length: {serve.MAX_BODY + 1}\r\n\r\n".encode()
+            f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode()
         )
         answer = raw.makefile("rb").read()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413")
-    assert f"{serve.MAX_BODY:,}" in json.loads(body)["error"]
+    assert f"{MAX_BODY:,}" in json.loads(body)["error"]
 
 
 _json_values = st.recursive(
@@ -259,7 +266,7 @@ def test_bad_images_get_a_4xx(server, body, headers, status, message):
 
 
 def test_a_decompression_bomb_is_refused_before_decoding(server):
-    from cnnmnist.predict import MAX_PIXELS
+    from cnnmnist.preprocess.read import MAX_PIXELS
 
     side = int(MAX_PIXELS**0.5) + 100
     bomb = _png(Image.new("1", (side, side)))  # compresses to a few hundred KiB
@@ -301,12 +308,45 @@ def _serve(ckpt, *args):
     )
 
 
+ADDRESS = re.compile(r"^serving .* at http://127\.0\.0\.1:(\d+)/$")
+BANNER_END = "Ctrl-C stops it"
+
+
+def _address(process) -> tuple[int, str]:
+    """The port of the banner's first line, `serving CKPT (RUNNER) at URL/`, and that line
+    (what `serve` says before it, loading the model, is status)."""
+    while line := process.stderr.readline():
+        if match := ADDRESS.match(line.rstrip("\n")):
+            return int(match.group(1)), line
+    raise AssertionError("serve ended without saying where it listens")
+
+
+def _banner(process) -> tuple[int, list[str]]:
+    """The port `serve` announces, and its banner's lines (through "Ctrl-C stops it"): the
+    first names the address, the others (indented) where the page and the APIs are."""
+    port, first = _address(process)
+    lines = [first]
+    while lines[-1] and not lines[-1].startswith(BANNER_END):
+        lines.append(process.stderr.readline())
+    return port, lines
+
+
+def _only_stopped(rest: str) -> bool:
+    """Whether what `serve` said after its first line is at most the rest of its banner,
+    then "stopped": nothing else (no warning, no traceback, no native log line)."""
+    lines = [line for line in rest.splitlines() if line.strip()]
+    banner = all(line.startswith("  ") or line == BANNER_END for line in lines[:-1])
+    return lines[-1:] == ["stopped"] and banner
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_serve_starts_quietly_stops_cleanly_and_refuses_a_busy_port(trained, stop):
     process = _serve(trained.checkpoint, "--port", "0")
-    line = process.stderr.readline()
-    port = int(re.search(r"127\.0\.0\.1:(\d+)/", line).group(1))
-    assert "(tflite)" in line  # answers from the TFLite copy, without TensorFlow
+    port, banner = _banner(process)
+    # Answers from the TFLite copy, without TensorFlow.
+    assert banner[0] == f"serving {trained.checkpoint} (tflite) at http://127.0.0.1:{port}/\n"
+    assert _only_stopped("".join(banner[1:]) + "stopped")  # where the page and APIs are
+    assert f"http://127.0.0.1:{port}/v1/models/{NAME}" in "".join(banner)
     assert Client(port)("GET", f"/v1/models/{NAME}")[0] == 200
 
     busy = _serve(trained.checkpoint, "--port", str(port))
@@ -317,13 +357,13 @@ def test_serve_starts_quietly_stops_cleanly_and_refuses_a_busy_port(trained, sto
     process.send_signal(stop)
     rest = process.communicate(timeout=30)[1]
     assert process.returncode == 0 and rest.strip() == "stopped"
-    assert "XNNPACK" not in line
+    assert not [b for b in banner if "XNNPACK" in b]
 
 
 def test_serve_binds_to_loopback_by_default(trained):
     process = _serve(trained.checkpoint, "--port", "0")
     try:
-        port = int(re.search(r"127\.0\.0\.1:(\d+)/", process.stderr.readline()).group(1))
+        port, _ = _address(process)
         assert _listening(port) == ["127.0.0.1"]  # not 0.0.0.0: no other machine reaches it
     finally:
         process.send_signal(signal.SIGINT)
@@ -336,16 +376,16 @@ def test_a_stop_at_once_after_the_address_ends_serve_with_exit_0(trained, stop):
     # there once left the server hung, or ended it with 130.
     for _ in range(3):
         process = _serve(trained.checkpoint, "--port", "0")
-        assert re.search(r"127\.0\.0\.1:(\d+)/", process.stderr.readline())
-        process.send_signal(stop)
+        _address(process)
+        process.send_signal(stop)  # at once after the address line, not after the banner
         rest = process.communicate(timeout=10)[1]
-        assert process.returncode == 0 and rest.strip() == "stopped"
+        assert process.returncode == 0 and _only_stopped(rest), rest
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_while_announcing_ends_run_without_an_exception(trained, stop):
-    model = serve.Model(trained.checkpoint, NAME, warn=print)
-    running = serve.Server(model, "127.0.0.1", 0)
+    running = _in_process(trained.checkpoint)
+    model = running.servables.current
     before = signal.getsignal(stop)
     running.run(announce=lambda: os.kill(os.getpid(), stop))  # returns: no KeyboardInterrupt
     assert signal.getsignal(stop) is before  # the caller's handlers are back
@@ -380,9 +420,8 @@ def test_without_the_tflite_copy_the_savedmodel_answers(trained, tmp_path, refer
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained.checkpoint, ckpt)
     (ckpt / TFLITE).unlink()
-    model = serve.Model(ckpt, NAME, warn=print)
-    assert model.engine.name == "savedmodel"
-    running = serve.Server(model, "127.0.0.1", 0)
+    running = _in_process(ckpt)
+    assert running.servables.current.runner.name == "savedmodel"
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     try:

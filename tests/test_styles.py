@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnnmnist import presets, styles, train
+from cnnmnist import presets, training
+from cnnmnist.training import steps, styles
 
 INDEX = np.arange(28)
 
@@ -80,14 +81,21 @@ def test_only_the_share_of_1s_asked_for_is_flagged_and_the_seed_decides_which(mn
     assert not np.shares_memory(out, x)  # the dataset itself is left alone
 
 
+def training_split(ds, recipe):
+    """The images, labels and flagged count the run's training_split step fills in."""
+    run = steps.Run(recipe, training.Options(), where=None, role=None, state=None, dataset=ds)
+    steps.training_split(run)
+    return run.images, run.labels, run.flagged
+
+
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
 def test_a_recipe_flags_1s_of_digits_only(dataset, mnist, fashion_mnist_dir):
     from cnnmnist import data
 
     ds = mnist if dataset == "mnist" else data.load(dataset, fashion_mnist_dir)
     recipe = presets.get("best").with_overrides(train_size=3000)
-    x, y, flagged = train.training_split(ds, recipe)
-    plain, _, none = train.training_split(ds, recipe.with_overrides(flagged_ones=0.0))
+    x, y, flagged = training_split(ds, recipe)
+    plain, _, none = training_split(ds, recipe.with_overrides(flagged_ones=0.0))
     assert none == 0 and len(x) == len(plain) == 3000
     if dataset == "mnist":
         assert flagged > 0 and (x != plain).any(axis=(1, 2)).sum() == flagged

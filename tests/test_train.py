@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import without_package
 
-from cnnmnist import checkpoint, model, presets, train
+from cnnmnist import checkpoint, model, presets, training
 from cnnmnist.cli import cli
 
 
@@ -73,9 +73,9 @@ def small(**changes):
 
 
 def test_same_seed_same_result(tmp_path, mnist_dir):
-    a = train.run(small(seed=3), train.Options(data_dir=mnist_dir, out=tmp_path / "a"))
-    b = train.run(small(seed=3), train.Options(data_dir=mnist_dir, out=tmp_path / "b"))
-    c = train.run(small(seed=4), train.Options(data_dir=mnist_dir, out=tmp_path / "c"))
+    a = training.run(small(seed=3), training.Options(data_dir=mnist_dir, out=tmp_path / "a"))
+    b = training.run(small(seed=3), training.Options(data_dir=mnist_dir, out=tmp_path / "b"))
+    c = training.run(small(seed=4), training.Options(data_dir=mnist_dir, out=tmp_path / "c"))
     assert a.test_accuracy == b.test_accuracy
     for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
         np.testing.assert_array_equal(wa, wb)
@@ -152,7 +152,8 @@ def test_plain_progress_is_one_line_per_epoch(tmp_path, mnist_dir):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
-    assert "val acc" in lines[0] and "cost" in lines[0]
+    # One vocabulary: the words of the history and --json (the old "cost", "val acc" are gone).
+    assert "val_accuracy" in lines[0] and "loss" in lines[0]
     assert "test accuracy" in result.stdout
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))  # TensorBoard wrote logs
 
@@ -184,14 +185,14 @@ def test_label_smoothing_trains_against_the_smoothed_target(mnist):
     import keras
     import tensorflow as tf
 
-    from cnnmnist import loop, pipeline
+    from cnnmnist.training import loop, network, pipeline
 
     x, y = mnist.split("train", 5000)
     recipe = presets.get("mlp").with_overrides(optimizer="sgd", learning_rate=0.5)
     batch_x, batch_y = next(iter(pipeline.training_batches(x[:100], y[:100], 100, 0, range(1))))
     for smoothing in (0.1, 0.0):
         keras.utils.set_random_seed(0)  # the same start both times: only the target differs
-        net = model.compile_model(recipe)
+        net = network.compiled(recipe)
         by_hand = keras.models.clone_model(net)
         by_hand.set_weights(net.get_weights())
         trainer = loop.Loop(net, tf.distribute.get_strategy(), 100, 1, label_smoothing=smoothing)
@@ -217,9 +218,11 @@ def test_label_smoothing_trains_against_the_smoothed_target(mnist):
 def test_the_clean_twin_shares_every_layer_but_the_augmentation(name, mnist):
     import keras
 
-    net = model.build(presets.get(name))
+    from cnnmnist.model.layers import AUGMENTATION
+
+    net = model.build(presets.get(name).model)
     clean = model.without_augmentation(net)
-    kept = [layer for layer in net.layers[1:] if not isinstance(layer, model.augmentation())]
+    kept = [layer for layer in net.layers[1:] if not isinstance(layer, AUGMENTATION)]
     assert len(kept) < len(net.layers) - 1  # these presets augment
     assert clean.layers[1:] == kept  # the same layer objects, in order: the same weights
     x = mnist.test_images[:64].reshape(-1, 28, 28, 1).astype("float32")

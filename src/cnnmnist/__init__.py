@@ -2,7 +2,7 @@
 
 import os
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA stubs) is not for our users; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,13 +1,13 @@
-"""The command line: parse, call one library function, render.
+"""The command line: parse, call one library function, hand the result to `render`.
 
-The only place where errors become exit codes.
-
-Nothing here imports TensorFlow at module level: `cnnmnist --help` must stay instant.
+The only place where errors become exit codes. Nothing here imports TensorFlow at module
+level: `cnnmnist --help` must stay instant.
 """
 
 from __future__ import annotations
 
-import json
+import collections
+import io
 import os
 import re
 import sys
@@ -16,13 +16,14 @@ from pathlib import Path
 import click
 from click.shell_completion import CompletionItem
 
-from cnnmnist import __version__
-from cnnmnist.distribute import STRATEGIES
-from cnnmnist.errors import CnnmnistError, Interrupted, UsageError
-from cnnmnist.model import OPTIMIZERS
-from cnnmnist.presets import DATASETS, MAX_SEED, PRECISIONS
+from cnnmnist import __version__, files, presets, render
+from cnnmnist.cluster import STRATEGIES
+from cnnmnist.errors import CnnmnistError, Interrupted, UsageError, os_error, tf_failure
 
 EXIT_INTERRUPTED = 130
+# Commands whose results go to stdout: they refuse to run when it is closed (the results would
+# be lost without a word).
+WRITES_RESULTS = {"train", "evaluate", "inspect", "predict", "explain", "presets", "data"}
 
 
 class Cli(click.Group):
@@ -32,12 +33,12 @@ class Cli(click.Group):
         try:
             return super().invoke(ctx)
         except UsageError as e:
-            raise click.UsageError(str(e), ctx) from None
+            raise click.UsageError(render.safe(e, newlines=True), ctx) from None
         except Interrupted as e:
-            click.echo(str(e), err=True)
+            render.note(str(e))
             ctx.exit(EXIT_INTERRUPTED)
         except CnnmnistError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(render.safe(e, newlines=True)) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
@@ -47,20 +48,12 @@ class Cli(click.Group):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(1)
         except OSError as e:  # permissions, missing parents, full disks: one line, no traceback
-            raise click.ClickException(os_error(e)) from None
+            raise click.ClickException(render.safe(os_error(e))) from None
         except Exception as e:  # a TensorFlow runtime error (out of memory, ...): one line
-            from cnnmnist.distribute import failure
-
-            converted = failure(e, doing=ctx.invoked_subcommand or "cnnmnist")
+            converted = tf_failure(e, doing=ctx.invoked_subcommand or "cnnmnist")
             if converted is None:
                 raise  # anything else is a bug: its traceback is what a report needs
-            raise click.ClickException(str(converted)) from None
-
-
-def os_error(e: OSError) -> str:
-    """'PATH: what happened' for an OS-level failure."""
-    what = e.strerror or str(e)
-    return f"{e.filename}: {what}" if e.filename is not None else what
+            raise click.ClickException(render.safe(converted)) from None
 
 
 def _show_version(ctx: click.Context) -> None:
@@ -73,7 +66,7 @@ def versions_report() -> str:
     import platform
     from importlib import metadata
 
-    from cnnmnist.runtime import NATIVE_BF16, cpu_flags, onednn_cap
+    from cnnmnist.hardware import NATIVE_BF16, cpu_flags, onednn_cap
 
     def version(package: str) -> str:
         try:
@@ -94,8 +87,6 @@ def versions_report() -> str:
 
 def _preset_names(incomplete: str) -> list[str]:
     """Shell completion of preset names."""
-    from cnnmnist import presets
-
     return [p.name for p in presets.all_presets() if p.name.startswith(incomplete)]
 
 
@@ -112,7 +103,7 @@ def _checkpoint_name(path: Path) -> Path:
 
 def _device_list(value: str | None) -> tuple[str, ...]:
     """--devices: TensorFlow device names such as /gpu:0 or /cpu:0, comma-separated."""
-    from cnnmnist.distribute import parse_devices
+    from cnnmnist.cluster import parse_devices
 
     try:
         return parse_devices(value)
@@ -120,18 +111,33 @@ def _device_list(value: str | None) -> tuple[str, ...]:
         raise click.BadParameter(str(e), param_hint="--devices") from None
 
 
-def _print_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2))
+def _picture(formats: tuple[str, ...]):
+    """A callback checking an output picture's path before any work (files.output_file)."""
+
+    def check(ctx, param, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        try:
+            files.output_file(value, formats, param.opts[0])
+        except UsageError as e:
+            raise click.BadParameter(str(e), param_hint=param.opts[0]) from None
+        return value
+
+    return check
 
 
+PICTURES = ("png", "svg", "pdf")
 dataset_option = click.option(
-    "--dataset", type=click.Choice(DATASETS), default=None, help="Dataset (default: mnist)."
+    "--dataset",
+    type=click.Choice(presets.DATASETS),
+    default=None,
+    help="Dataset: mnist (default), or fashion-mnist (same format, other images).",
 )
 data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Directory with the four IDX files (or mnist.npz). Default: $CNNMNIST_DATA_DIR, then the "
+    help="Folder with the four IDX files (or mnist.npz). Default: $CNNMNIST_DATA_DIR, then the "
     "user cache, downloading there if missing.",
 )
 checkpoint_argument = click.argument(
@@ -142,11 +148,17 @@ checkpoint_argument = click.argument(
     shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
 )
 json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON object on stdout."
+    "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
 )
 
 
-@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=Cli,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Examples:\n\n\b\n  cnnmnist train --preset fast\n  cnnmnist evaluate ckpt\n"
+    "  cnnmnist predict my-digit.png\n  cnnmnist serve ckpt\n\n"
+    "`cnnmnist COMMAND --help` shows a command's options.",
+)
 @click.option(
     "--version",
     is_flag=True,
@@ -163,71 +175,123 @@ json_option = click.option(
 )
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool) -> None:
-    """Train, check and use a convolutional digit classifier."""
+    """Train, check, explain and serve a convolutional digit classifier."""
+    for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot show: escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    if ctx.invoked_subcommand in WRITES_RESULTS and not _writable(sys.stdout):
+        raise click.UsageError(
+            "standard output is closed: the results would be lost. Run the command with "
+            "stdout open (or redirected to a file)"
+        )
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    elif ctx.invoked_subcommand in ("train", "evaluate", "predict", "serve"):  # TF or LiteRT
+    elif ctx.invoked_subcommand in ("train", "evaluate", "predict", "explain", "serve", "inspect"):
         from cnnmnist.quiet import filter_native_stderr
 
         filter_native_stderr()
 
 
-@cli.command()
+def _writable(stream) -> bool:
+    """Whether a standard stream is open (a closed descriptor leaves Python with None)."""
+    if stream is None:
+        return False
+    try:
+        os.fstat(stream.fileno())
+    except io.UnsupportedOperation:  # in memory, with no descriptor (a test's): open if not closed
+        return not getattr(stream, "closed", False)
+    except (OSError, ValueError):
+        return False
+    except AttributeError:
+        return True  # no fileno at all: in memory
+    return True
+
+
+# The help of every recipe field `train` takes as an option (names and types: presets.TUNABLE).
+RECIPE_HELP = {
+    "optimizer": "Optimizer.",
+    "learning_rate": "Peak learning rate.",
+    "epochs": "Passes over the training images.",
+    "batch_size": "Images per step: the global batch, split over the replicas when training "
+    "is distributed.",
+    "seed": "Random seed. Same seed, same machine: same result.",
+    "validation_size": "Images held out for validation from the START of the training file "
+    "(the chapter's 5000), unlike Keras's validation_split, a fraction from the end; 0: none.",
+    "train_size": "Train on only the first N images after the validation ones; 0: all.",
+    "precision": "Compute precision (mixed policies; softmax and loss stay float32). auto: "
+    "bfloat16 on CPUs with native BF16, float16 on GPUs, else float32.",
+    "schedule": "Learning rate over the run: constant, or one-cycle (warm-up, then cosine to 0).",
+    "label_smoothing": "Train against (1 - E) * one-hot + E / 10 (reported losses stay plain "
+    "cross-entropy).",
+    "flagged_ones": "Share of the training 1s redrawn with a flag from the top, as much of "
+    "the world writes them.",
+    "box_scans": "Share of the training digits stored as box-normalised scans (stretched to "
+    "fill a small square, binarised, cut at its edge), as some scanned collections are.",
+    "clean_epochs": "The last N epochs train on the digits as given, without augmentation.",
+}
+RECIPE_TYPES = {
+    "optimizer": click.Choice(presets.OPTIMIZERS),
+    "precision": click.Choice(presets.PRECISIONS),
+    "schedule": click.Choice(presets.SCHEDULES),
+    "epochs": click.IntRange(min=1),
+    "batch_size": click.IntRange(1, presets.MAX_BATCH),
+    "seed": click.IntRange(0, presets.MAX_SEED),
+    "validation_size": click.IntRange(0, 59999),
+    "train_size": click.IntRange(min=0),
+    "learning_rate": click.FloatRange(min=0, min_open=True),
+    "label_smoothing": click.FloatRange(0, 1, max_open=True),
+    "flagged_ones": click.FloatRange(0, 1),
+    "box_scans": click.FloatRange(0, 1),
+    "clean_epochs": click.IntRange(min=0),
+}
+
+
+def _preset_defaults(field: str) -> str:
+    """What each preset sets `field` to, shortly: '15 (fast: 2)'."""
+    values = {p.name: getattr(p, field) for p in presets.all_presets()}
+    common, _ = collections.Counter(values.values()).most_common(1)[0]
+    others = [
+        f"{name}: {value:g}" if isinstance(value, float) else f"{name}: {value}"
+        for name, value in values.items()
+        if value != common
+    ]
+    shown = f"{common:g}" if isinstance(common, float) else str(common)
+    return shown + (f" ({', '.join(others)})" if others else "")
+
+
+def recipe_options(command):
+    """One option per tunable recipe field, each unset unless given (the preset decides)."""
+    for field in reversed(presets.TUNABLE):
+        command = click.option(
+            f"--{field.replace('_', '-')}",
+            field,
+            type=RECIPE_TYPES[field],
+            default=None,
+            help=f"{RECIPE_HELP[field]} [preset's: {_preset_defaults(field)}]",
+        )(command)
+    return command
+
+
+@cli.command(
+    short_help="Train a preset and write a SavedModel checkpoint.",
+    epilog="Examples:\n\n\b\n  cnnmnist train                       # the book's CNN, 15 epochs\n"
+    "  cnnmnist train --preset fast --out fast\n"
+    "  cnnmnist train --preset seed --optimizer rmsprop --epochs 5\n"
+    "  cnnmnist train --resume --out fast   # continue a run that was stopped",
+)
 @click.option(
     "--preset",
     default=None,
     shell_complete=lambda ctx, param, incomplete: _preset_names(incomplete),
-    help="Named recipe (see `cnnmnist presets`). Default: seed.",
+    help=f"Named recipe (see `cnnmnist presets`). Default: {presets.DEFAULT_PRESET}.",
 )
 @click.option(
     "--config",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="TOML run file (configs/*.toml); flags given here override it.",
+    help="TOML run file (configs/*.toml); options given here override it.",
 )
-@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=None)
-@click.option("--learning-rate", type=float, default=None)
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Global batch: split over the replicas when training is distributed.",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(0, MAX_SEED),
-    default=None,
-    help="Same seed, same machine: same result.",
-)
-@click.option(
-    "--validation-size",
-    type=click.IntRange(min=0),
-    default=None,
-    help="A count of images held out for validation from the START of the training file "
-    "(the chapter's 5000), unlike Keras's validation_split, a fraction from the end. "
-    "0: none.",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default=None,
-    help="Compute precision (mixed policies; softmax and loss stay float32). auto: bfloat16 "
-    "on CPUs with native BF16, float16 on GPUs, else float32. Chapter presets: float32.",
-)
-@click.option(
-    "--train-size",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Train on only the first N images after the validation ones (default 0: all).",
-)
-@click.option(
-    "--label-smoothing",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=None,
-    help="Train against (1 - E) * one-hot + E / 10 instead of the one-hot label "
-    "(best: 0.1, others 0). Reported losses stay plain cross-entropy.",
-)
+@recipe_options
 @dataset_option
 @data_dir_option
 @click.option(
@@ -250,7 +314,11 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     help="Continue the interrupted run writing --out from its last completed epoch.",
 )
 @click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
+    "--device",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default="auto",
+    show_default=True,
+    help="Where to train: auto picks the GPUs when TensorFlow sees any.",
 )
 @click.option(
     "--strategy",
@@ -259,9 +327,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     show_default=True,
     help="tf.distribute strategy. auto: mirrored over all GPUs when there are several, "
     "else one device. multi-worker: the cluster in TF_CONFIG; every worker runs the same "
-    "command and reads a disjoint shard of the data; worker 0 (or the chief) writes --out, "
-    "the others write nothing you see. --batch-size is the global batch, split over all "
-    "replicas.",
+    "command and reads a disjoint shard of the data; worker 0 (or the chief) writes --out.",
 )
 @click.option(
     "--devices",
@@ -277,61 +343,32 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 )
 @json_option
 def train(
-    preset,
-    config,
-    optimizer,
-    learning_rate,
-    epochs,
-    batch_size,
-    seed,
-    validation_size,
-    precision,
-    train_size,
-    label_smoothing,
-    dataset,
-    data_dir,
-    out,
-    force,
-    resume,
-    device,
-    strategy,
-    devices,
-    tensorboard,
-    as_json,
-) -> None:
+    preset, config, dataset, data_dir, out, force, resume, device, strategy, devices,
+    tensorboard, as_json, **recipe,
+) -> None:  # fmt: skip
     """Train a preset and write a SavedModel checkpoint to --out.
 
     The state of every completed epoch is kept in OUT.partial/ until the run ends, so a
     killed run continues with the same command plus --resume; Ctrl-C stops within a second
     or so, at the end of the running chunk of 50 steps (exit 130).
     """
-    from cnnmnist import presets
+    from cnnmnist import cluster
 
-    overrides = {
-        "optimizer": optimizer,
-        "learning_rate": learning_rate,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "seed": seed,
-        "validation_size": validation_size,
-        "train_size": train_size,
-        "precision": precision,
-        "label_smoothing": label_smoothing,
-    }
     config_values = presets.load_config(config) if config else None
     if resume:  # the same command plus --resume: what was given must match the record
-        recipe, options = None, {"dataset": "mnist"}
-        expected = presets.given(preset, config_values, dataset=dataset, **overrides)
+        chosen, dataset_name = None, "mnist"
+        expected = presets.given(preset, config_values, dataset=dataset, **recipe)
     else:
-        recipe, options = presets.resolve(preset, config_values, dataset=dataset, **overrides)
-        expected = {}
-    from cnnmnist import train as training
-    from cnnmnist.console import warn
+        chosen, options = presets.resolve(preset, config_values, dataset=dataset, **recipe)
+        dataset_name, expected = options["dataset"], {}
+    cluster.role(strategy)  # a bad TF_CONFIG fails here, before TensorFlow loads
+    with render.status("loading TensorFlow"):
+        from cnnmnist import training
 
     result = training.run(
-        recipe,
+        chosen,
         training.Options(
-            dataset=options["dataset"],
+            dataset=dataset_name,
             data_dir=data_dir,
             out=out,
             force=force,
@@ -344,21 +381,14 @@ def train(
         ),
     )
     for warning in result.warnings:
-        warn(warning, style="bold red")
+        render.warn(warning, style="bold red")
     if as_json:
-        _print_json(result.to_json())
+        render.print_json(result.to_json())
     else:
-        written = (
-            result.checkpoint
-            or f"worker {result.worker.index} of {result.worker.workers}: the chief writes it"
-        )
-        click.echo(
-            f"test accuracy {result.test_accuracy:.4f}  loss {result.test_loss:.4f}  "
-            f"({result.epochs} epochs, {result.seconds:.1f} s) -> {written}"
-        )
+        click.echo(render.trained(result.to_json()))
 
 
-@cli.command("presets")
+@cli.command("presets", short_help="List the presets, or show one in full.")
 @click.argument(
     "name", required=False, shell_complete=lambda ctx, param, incomplete: _preset_names(incomplete)
 )
@@ -367,83 +397,62 @@ def presets_cmd(name, as_json) -> None:
     """List the presets, or show one in full."""
     from dataclasses import asdict
 
-    from cnnmnist import presets
-    from cnnmnist.console import out
-
-    chosen = [presets.get(name)] if name else presets.all_presets()
+    chosen = [asdict(presets.get(name))] if name else [asdict(p) for p in presets.all_presets()]
     if as_json:
-        _print_json([asdict(p) for p in chosen])
-        return
-    if name:
-        from rich.table import Table
-
-        table = Table(title=f"preset {name}", show_header=False)
-        for key, value in asdict(chosen[0]).items():
-            table.add_row(key, str(value))
-        out().print(table)
-        return
-    from rich.table import Table
-
-    table = Table(title="presets")
-    for column in ("name", "description", "parameters", "epochs", "reference"):
-        table.add_column(column)
-    for p in chosen:
-        params = f"{p.optimizer} lr={p.learning_rate:g} batch={p.batch_size}"
-        ref = f"{p.reference_accuracy:.2%}" if p.reference_accuracy else "-"
-        default = " (default)" if p.name == presets.DEFAULT_PRESET else ""
-        table.add_row(p.name + default, p.description, params, str(p.epochs), ref)
-    out().print(table)
+        render.print_json(chosen)
+    elif name:
+        render.out().print(render.preset_table(chosen[0]))
+    else:
+        render.out().print(render.presets_table(chosen, presets.DEFAULT_PRESET))
 
 
-@cli.command("data")
+@cli.command("data", short_help="Show where a dataset is and whether its checksums match.")
 @dataset_option
 @data_dir_option
 @json_option
 def data_cmd(dataset, data_dir, as_json) -> None:
     """Show where a dataset is, its sizes, and whether every checksum matches."""
     from cnnmnist import data
-    from cnnmnist.console import out
 
-    directory, checks = data.check(dataset or "mnist", data_dir)
-    bad = [c for c in checks if not c.ok]
+    name = dataset or "mnist"
+    directory, checks = data.check(name, data_dir)
+    files = [
+        {
+            "file": str(c.path),
+            "name": c.path.name,
+            "shape": c.shape,
+            "md5": c.md5,
+            "expected_md5": c.expected_md5,
+            "ok": c.ok,
+            "error": c.error,
+        }
+        for c in checks
+    ]
     if as_json:
-        _print_json(
-            {
-                "dataset": dataset or "mnist",
-                "directory": str(directory),
-                "ok": not bad,
-                "files": [
-                    {
-                        "file": str(c.path),
-                        "shape": c.shape,
-                        "md5": c.md5,
-                        "expected_md5": c.expected_md5,
-                        "ok": c.ok,
-                        "error": c.error,
-                    }
-                    for c in checks
-                ],
-            }
+        report = {"dataset": name, "directory": str(directory), "ok": all(c.ok for c in checks)}
+        render.print_json(
+            report | {"files": [{k: v for k, v in f.items() if k != "name"} for f in files]}
         )
     else:
-        from rich.table import Table
-
-        table = Table(title=f"{dataset or 'mnist'} in {directory}")
-        for column in ("file", "shape", "md5 (decompressed)", "checksum"):
-            table.add_column(column)
-        for c in checks:
-            verdict = "[green]ok[/]" if c.ok else f"[red]{c.error}[/]"
-            shape = "x".join(map(str, c.shape)) if c.shape else "-"
-            table.add_row(c.path.name, shape, c.md5 or "-", verdict)
-        out().print(table)
+        render.out().print(render.data_table(name, str(directory), files))
+    bad = [c for c in checks if not c.ok]
     if bad:
         raise CnnmnistError(f"{len(bad)} of {len(checks)} files failed verification in {directory}")
 
 
-@cli.command()
+@cli.command(
+    short_help="Accuracy, loss, confusion matrix and per-class report of a checkpoint.",
+    epilog="Examples:\n\n\b\n  cnnmnist evaluate ckpt\n  cnnmnist evaluate ckpt --plot cm.png "
+    "--errors mistakes.png\n  cnnmnist evaluate ckpt --images my-digits/   # my-digits/0/ .. 9/\n"
+    "  cnnmnist evaluate ckpt --corruptions",
+)
 @checkpoint_argument
 @click.option(
-    "--split", type=click.Choice(["test", "validation", "train"]), default="test", show_default=True
+    "--split",
+    type=click.Choice(["test", "validation", "train"]),
+    default="test",
+    show_default=True,
+    help="Which images of the dataset.",
 )
 @dataset_option
 @data_dir_option
@@ -461,40 +470,79 @@ def data_cmd(dataset, data_dir, as_json) -> None:
     help="Report the accuracy on the split under a fixed suite of corruptions (noise, blur, "
     "slant, scale, rotation, stroke width, low resolution, light, occlusion, edges).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=1000,
+    show_default=True,
+    help="Images per model call (memory grows with it).",
+)
 @click.option(
     "--errors",
     "errors_png",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Write a PNG of the most confident mistakes here.",
+    callback=_picture(("png",)),
+    help="Also draw the most confident mistakes into this PNG.",
 )
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Also draw the confusion matrix into this PNG. Needs matplotlib: "
-    "pip install 'cnnmnist[plot]'.",
+    callback=_picture(PICTURES),
+    help="Also draw the confusion matrix into this picture (.png, .svg or .pdf). Needs "
+    "matplotlib: pip install 'cnnmnist[plot]'.",
 )
 @json_option
 @click.pass_context
 def evaluate(
-    ctx,
-    ckpt,
-    split,
-    dataset,
-    data_dir,
-    images_dir,
-    corruptions,
-    batch_size,
-    errors_png,
-    plot,
+    ctx, ckpt, split, dataset, data_dir, images_dir, corruptions, batch_size, errors_png, plot,
     as_json,
-) -> None:
+) -> None:  # fmt: skip
     """Accuracy (with 95% CI), loss, confusion matrix and per-class report of a checkpoint."""
     from cnnmnist import evaluate as evaluation
-    from cnnmnist.console import err, evaluation_report, out, robustness_table, warn
 
+    _refuse_mixed(ctx, images_dir, corruptions, errors_png or plot)
+    if corruptions:
+        result = evaluation.robustness(
+            ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
+        )
+        for warning in result["warnings"]:
+            render.warn(warning)
+        if as_json:
+            render.print_json(result)
+        else:
+            render.out().print(render.robustness_table(result))
+        return
+    if images_dir:
+        report = evaluation.evaluate_folder(ckpt, images_dir, batch_size=batch_size)
+    else:
+        report = evaluation.evaluate(
+            ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
+        )
+    for warning in report.warnings:
+        render.warn(warning)
+    for bad in report.unreadable:
+        render.warn(
+            f"{bad['file']}: {bad['error'].removeprefix(bad['file'] + ': ')}; not evaluated"
+        )
+    if as_json:
+        render.print_json(report.to_json())
+    else:
+        render.out().print(render.evaluation_report(report.to_json()))
+    if errors_png:  # after the result: a side file that cannot be written loses nothing else
+        shown, replaced = evaluation.write_errors(report, errors_png)
+        verb = "replaced" if replaced else "wrote"
+        render.note(f"{verb} {errors_png} with the {shown} most confident mistakes")
+    if plot:
+        from cnnmnist import plots
+
+        plots.confusion(report.to_json(), plot)
+        render.note(f"drew the confusion matrix into {plot}")
+
+
+def _refuse_mixed(ctx: click.Context, images_dir, corruptions: bool, pictures: bool) -> None:
+    """`evaluate`'s options that do not go together: a usage error naming them."""
     given = [
         f"--{name.replace('_', '-')}"
         for name in ("split", "dataset", "data_dir")
@@ -505,74 +553,68 @@ def evaluate(
             f"--images evaluates your own folder; it does not go with "
             f"{', '.join(given + ['--corruptions'] * corruptions)}"
         )
-    if corruptions and (errors_png or plot):
+    if corruptions and pictures:
         raise click.UsageError(
             "--errors and --plot draw one evaluation's results; not with --corruptions"
         )
-    if corruptions:
-        result = evaluation.robustness(
-            ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
-        )
-        for warning in result["warnings"]:
-            warn(warning)
-        if as_json:
-            _print_json(result)
-        else:
-            out().print(robustness_table(result))
-        return
-    if images_dir:
-        report = evaluation.evaluate_folder(ckpt, images_dir, batch_size=batch_size)
-    else:
-        report = evaluation.evaluate(
-            ckpt, split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size
-        )
-    for warning in report.warnings:
-        warn(warning)
-    for bad in report.unreadable:
-        warn(f"{bad['file']}: {bad['error'].removeprefix(bad['file'] + ': ')}; not evaluated")
-    if as_json:
-        _print_json(report.to_json())
-    else:
-        out().print(evaluation_report(report.to_json()))
-    if errors_png:  # after the result: a side file that cannot be written loses nothing else
-        shown, replaced = evaluation.write_errors(report, errors_png)
-        verb = "replaced" if replaced else "wrote"
-        err().print(f"{verb} {errors_png} with the {shown} most confident mistakes")
-    if plot:
-        from cnnmnist import plots
-
-        plots.confusion(report.to_json(), plot)
-        err().print(f"drew the confusion matrix into {plot}")
 
 
-@cli.command()
+@cli.command(
+    short_help="What a checkpoint is: recipe, history, test metrics, layers, signature.",
+    epilog="Examples:\n\n\b\n  cnnmnist inspect ckpt\n  cnnmnist inspect ckpt --plot curves.png "
+    "--filters kernels.png\n  cnnmnist inspect ckpt --json",
+)
 @checkpoint_argument
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
+    callback=_picture(PICTURES),
     help="Also draw the learning curves (loss and accuracy per epoch, the test result "
-    "marked) into this PNG. Needs matplotlib: pip install 'cnnmnist[plot]'.",
+    "marked) into this picture. Needs matplotlib: pip install 'cnnmnist[plot]'.",
+)
+@click.option(
+    "--filters",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    callback=_picture(PICTURES),
+    help="Also draw the kernels of the first convolution (and the next ones, summarised) "
+    "into this picture. Needs matplotlib.",
 )
 @json_option
-def inspect(ckpt, plot, as_json) -> None:
-    """Show a checkpoint's metadata: preset, hyper-parameters, history, test metrics, versions."""
-    from cnnmnist import checkpoint
-    from cnnmnist.console import err, metadata_summary, out
+def inspect(ckpt, plot, filters, as_json) -> None:
+    """Show a checkpoint: its preset and hyper-parameters, training history, test metrics and
+    versions (its metadata), and its network layer by layer with parameter counts and its
+    serving signature (these load TensorFlow)."""
+    from cnnmnist import checkpoint, explain
 
     meta = checkpoint.read(ckpt).metadata
+    with render.status("loading the checkpoint's network and signature"):
+        network = explain.network_summary(ckpt)
     if as_json:
-        _print_json(meta)
+        render.print_json(meta | {"network": network})
     else:
-        out().print(metadata_summary(str(ckpt), meta))
+        render.out().print(render.metadata_summary(str(ckpt), meta))
+        render.out().print(render.network_summary(network))
     if plot:  # after the result, as evaluate --errors
         from cnnmnist import plots
 
         plots.curves(meta, plot, str(ckpt))
-        err().print(f"drew the learning curves into {plot}")
+        render.note(f"drew the learning curves into {plot}")
+    if filters:
+        from cnnmnist import explain, plots
+
+        with render.status("loading the checkpoint's Keras model"):
+            kernels = explain.kernels(ckpt)
+        plots.filters(kernels, filters, f"{ckpt}: {meta.get('preset')}")
+        render.note(f"drew the kernels of {', '.join(name for name, _ in kernels)} into {filters}")
 
 
-@cli.command()
+@cli.command(
+    short_help="The digit in each image, with probabilities.",
+    epilog="Examples:\n\n\b\n  cnnmnist predict digit.png\n  cnnmnist predict photos/ --top-k 5\n"
+    "  cat digit.jpg | cnnmnist predict - --json",
+)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--model",
@@ -583,75 +625,263 @@ def inspect(ckpt, plot, as_json) -> None:
     shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
     help="Checkpoint directory.",
 )
-@click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
-@click.option("--show", is_flag=True, help="Also draw the 28x28 picture the model saw.")
-@json_option
+@click.option(
+    "--top-k",
+    type=click.IntRange(1, 10),
+    default=3,
+    show_default=True,
+    help="How many digits to list per image, most probable first.",
+)
+@click.option(
+    "--show",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[FILE.png]",
+    help="Also draw the 28x28 picture the model saw, in the terminal; with a file name, as "
+    "a PNG with each original beside it (a new file: an existing one is not replaced).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the results as JSON on stdout: a list, one object per input.",
+)
 def predict(inputs, model_dir, top_k, show, as_json) -> None:
-    """The digit in each image (files, directories, or - for stdin), with probabilities.
+    """The digit in each image (files, folders, or - for stdin), with probabilities.
 
     Images are made to look like MNIST first: grey, light paper inverted, cropped to the
-    ink, scaled to 20 px, centred by mass in 28x28.
+    ink, scaled to 20 px, centred by mass in 28x28. A folder is searched with its
+    subfolders; hidden files and folders are skipped.
     """
     from cnnmnist import predict as prediction
-    from cnnmnist.console import out, prediction_table, warn
+    from cnnmnist.preprocess import STDIN, read_bounded
 
-    stdin = (
-        prediction.read_bounded(sys.stdin.buffer, "<stdin>") if prediction.STDIN in inputs else None
-    )
+    picture = Path(show) if show else None
+    if picture is not None:
+        if picture.exists() or picture.is_symlink():
+            raise click.BadParameter(
+                f"{picture} exists; --show writes a new file (choose a name not taken)",
+                param_hint="--show",
+            )
+        files.output_file(picture, ("png",), "--show")
+    stdin = None
+    if STDIN in inputs:
+        if sys.stdin is None or not _writable_input(sys.stdin):
+            raise CnnmnistError("-: standard input is closed; give image files instead")
+        stdin = read_bounded(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>")
     results = prediction.predict(
-        list(inputs),
-        model_dir,
-        top_k=top_k,
-        stdin=stdin,
-        on_warning=warn,
+        list(inputs), model_dir, top_k=top_k, stdin=stdin, on_warning=render.warn
     )
     if as_json:
-        _print_json([{k: v for k, v in r.items() if k != "pixels"} for r in results])
+        render.print_json([{k: v for k, v in r.items() if k != "pixels"} for r in results])
     else:
-        out().print(prediction_table(results, show=show))
+        render.out().print(render.prediction_table(results, show=show == ""))
+    if picture is not None:
+        _draw_inputs(results, picture)
     failed = [r for r in results if r["error"]]
     if failed:
         raise CnnmnistError(f"{len(failed)} of {len(results)} inputs could not be predicted")
 
 
-@cli.command()
+def _draw_inputs(results: list[dict], picture: Path) -> None:
+    """predict --show FILE.png: each input the model saw beside its original, captioned."""
+    from cnnmnist import sheets
+
+    shown = [r for r in results if r["pixels"] is not None]
+    tiles = []
+    for r in shown:
+        digit = "-" if r["digit"] is None else r["digit"]
+        original = None if r["file"] == "<stdin>" else r["file"]
+        tiles.append(sheets.Tile(r["pixels"], f"{digit}  {Path(r['file']).name}"[:24], original))
+    sheets.write(tiles, picture)
+    render.note(
+        f"drew the {len(shown)} inputs the model saw, beside their originals, into {picture}"
+    )
+
+
+def _writable_input(stream) -> bool:
+    """Whether standard input can be read (a closed descriptor cannot)."""
+    try:
+        os.fstat(stream.fileno())
+        return True
+    except io.UnsupportedOperation:  # in memory, with no descriptor (a test's): open if not closed
+        return not getattr(stream, "closed", False)
+    except (OSError, ValueError):
+        return False
+    except AttributeError:
+        return True  # a test's stream
+
+
+@cli.command(
+    short_help="What each layer of the CNN does to a digit, and where its evidence lies.",
+    epilog="Examples:\n\n\b\n  cnnmnist explain digit.png\n  cnnmnist explain digit.png "
+    "--plot digit-explained.png\n  cnnmnist explain seven.png four.png --plot why.png   "
+    "# why-seven.png, why-four.png\n  cnnmnist explain digit.png --json > explained.json",
+)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    default=Path("ckpt"),
+    show_default=True,
+    help="Checkpoint directory.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    callback=_picture(PICTURES),
+    help="Also draw each image explained into a picture: this file for one image; for "
+    "several, one each, named after the image (PLOT-NAME.png). Needs matplotlib.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the explanations as JSON on stdout: per image the input the model saw, the "
+    "probabilities, the evidence maps and every layer's feature maps.",
+)
+def explain(inputs, model_dir, plot, as_json) -> None:
+    """What each layer of the CNN does to each image, and which pixels the answer rests on.
+
+    For each image: the 28x28 input the model saw, the feature maps after each convolution
+    and pooling (with its kernel size, stride and output shape), and the evidence for the
+    answer and for the runner-up, measured by painting over each patch of the digit in turn.
+    """
+    from cnnmnist import explain as explaining
+    from cnnmnist.preprocess import STDIN, read_bounded
+
+    stdin = None
+    if STDIN in inputs:
+        if sys.stdin is None or not _writable_input(sys.stdin):
+            raise CnnmnistError("-: standard input is closed; give image files instead")
+        stdin = read_bounded(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>")
+    results = explaining.explain(list(inputs), model_dir, stdin=stdin, warn=render.warn)
+    if as_json:
+        render.print_json([explaining.to_json(r) for r in results])
+    else:
+        for result in results:
+            render.out().print(render.explanation(result))
+    if plot:
+        from cnnmnist import plots
+
+        explained = [r for r in results if not r.get("error")]
+        for result, path in zip(explained, explaining.picture_paths(plot, explained), strict=True):
+            files.output_file(path, PICTURES, "--plot")
+            plots.explanation(result, path)
+            render.note(f"drew {result['file']} explained into {path}")
+    failed = [r for r in results if r.get("error")]
+    if failed:
+        raise CnnmnistError(f"{len(failed)} of {len(results)} inputs could not be explained")
+
+
+def _model_name(ctx, param, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", value):
+        raise click.BadParameter(
+            "up to 100 letters, digits, '.', '_' and '-', starting with a letter or digit",
+            param_hint="--model-name",
+        )
+    return value
+
+
+@cli.command(
+    short_help="Serve a checkpoint over HTTP (TF Serving's REST API and a page) and gRPC.",
+    epilog="Examples:\n\n\b\n  cnnmnist serve ckpt                # http://127.0.0.1:8501/\n"
+    "  cnnmnist serve models/             # models/1/, models/2/, ...: the highest, and "
+    "new ones as they appear\n  cnnmnist serve ckpt --grpc-port 8500   # TF Serving's gRPC "
+    "API too\n  cnnmnist serve ckpt --host 0.0.0.0 --port 8080   # open to the network",
+)
 @checkpoint_argument
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0: every interface, open to the network).",
+)
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
     default=8501,
     show_default=True,
-    help="Port (8501 is TF Serving's REST port; 0 picks a free one).",
+    help="REST port (8501 is TF Serving's; 0 picks a free one).",
+)
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also answer TF Serving's gRPC API on this port (8500 is TF Serving's). Needs "
+    "tensorflow-serving-api: pip install 'cnnmnist[grpc]'; loads TensorFlow.",
 )
 @click.option(
     "--model-name",
     default="cnnmnist",
     show_default=True,
+    callback=_model_name,
     help="The NAME in /v1/models/NAME, as TF Serving's --model_name.",
 )
-def serve(ckpt, host, port, model_name) -> None:
-    """Serve a checkpoint over HTTP: TF Serving's REST API, POST /predict for image files, and
-    a page to draw a digit at /. Ctrl-C (or SIGTERM) stops it, exit 0.
+@click.option(
+    "--poll-seconds",
+    type=click.FloatRange(0.1, 3600),
+    default=2.0,
+    show_default=True,
+    help="With a base folder of versions: how often to look for a new one.",
+)
+@click.option(
+    "--metrics-path",
+    default="/monitoring/prometheus/metrics",
+    show_default=True,
+    help="Where the Prometheus metrics are, on the REST port.",
+)
+@click.option("--access-log", is_flag=True, help="Log every request on stderr (Uvicorn's format).")
+@click.option(
+    "--allow-host",
+    multiple=True,
+    help="Also answer requests that name this host (repeatable; '*' for any). By default "
+    "the server answers to its own address and to localhost.",
+)
+@click.option(
+    "--allow-origin",
+    multiple=True,
+    help="Let web pages from this origin, e.g. https://example.org, call the server "
+    "(repeatable; '*' for any). By default only the server's own page may.",
+)
+@click.pass_context
+def serve(ctx, ckpt, host, port, **options) -> None:
+    """Serve a checkpoint over HTTP: TF Serving's REST API, POST /predict and /explain for
+    image files, a page to draw a digit at /, and Prometheus metrics; with --grpc-port, TF
+    Serving's gRPC API too. CKPT may be a base folder of numbered checkpoints (CKPT/1/,
+    CKPT/2/, ...), as TF Serving serves: the highest is served, and a newer one is swapped in
+    when it appears. AIP_HTTP_PORT, AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE (Vertex AI's
+    custom containers) are honoured when set. Ctrl-C (or SIGTERM) stops it, exit 0.
     """
-    from cnnmnist import serve as serving
-    from cnnmnist.console import err, warn
+    from cnnmnist import server
 
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name):
-        raise click.BadParameter(
-            "letters, digits, '.', '_' and '-' only", param_hint="--model-name"
-        )
-    model = serving.Model(ckpt, model_name, warn)
-    server = serving.Server(model, host, port)
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{server.port}"
-    server.run(
-        announce=lambda: err().print(
-            f"serving {ckpt} ({model.engine.name}) as {model_name!r}: the page at {url}/, the "
-            f"API at {url}/v1/models/{model_name}; Ctrl-C stops it",
-            highlight=False,
-        )
+    server.require(grpc=options["grpc_port"] is not None)
+    from cnnmnist.server import listen
+
+    asked = listen.platform(os.environ)
+    default = click.core.ParameterSource.DEFAULT
+    if "port" in asked and ctx.get_parameter_source("port") is default:
+        port = asked.pop("port")
+    if "host" in asked and ctx.get_parameter_source("host") is default:
+        host = asked.pop("host")
+    settings = listen.Options(
+        name=options["model_name"],
+        allow_hosts=options["allow_host"],
+        allow_origins=options["allow_origin"],
+        grpc_port=options["grpc_port"],
+        metrics_path=options["metrics_path"],
+        access_log=options["access_log"],
+        poll_seconds=options["poll_seconds"],
+        health_route=asked.get("health_route"),
+        predict_route=asked.get("predict_route"),
     )
-    err().print("stopped")
+    with render.status("loading the model"):
+        running, address = listen.open_server(ckpt, host, port, settings, render.warn)
+    running.run(announce=lambda: render.err().print(render.serving(running, address, settings)))
+    render.note("stopped")
 
 
 def main() -> None:  # pragma: no cover - `python -m cnnmnist`

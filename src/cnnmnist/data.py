@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnmnist import files
 from cnnmnist.errors import DataError
 
 # The four files of an MNIST-format dataset, by role.
@@ -172,9 +173,31 @@ def candidate_dirs(name: str, data_dir: Path | None) -> list[Path]:
 
 def download_dir(name: str, data_dir: Path | None) -> Path:
     """Where a missing dataset is downloaded to: the directory the user named, else the cache
-    (never a system directory, nor Keras's)."""
-    named = [Path(d) for d in (data_dir, os.environ.get("CNNMNIST_DATA_DIR")) if d]
-    return named[0] if named else cache_dir(name)
+    (never a system directory, nor Keras's). A named path that is a file is refused; a named
+    folder that holds another dataset (CNNMNIST_DATA_DIR pointing at MNIST while
+    Fashion-MNIST is asked for) is left alone, as their files share names."""
+    named = [
+        (Path(d), what)
+        for d, what in ((data_dir, "--data-dir"), (os.environ.get("CNNMNIST_DATA_DIR"), None))
+        if d
+    ]
+    named = [(d, what) for d, what in named if not _holds_another(d, name)]
+    target = named[0][0] if named else cache_dir(name)
+    if target.exists() and not target.is_dir():
+        what = (named[0][1] or "CNNMNIST_DATA_DIR") if named else "the cache"
+        raise DataError(f"{target}: {what} names a file, not a folder to keep {name} in")
+    return target
+
+
+def _holds_another(directory: Path, name: str) -> bool:
+    """Whether `directory` holds a known dataset other than `name`."""
+    if not directory.is_dir():
+        return False
+    try:
+        found = _sources(directory, name)
+    except DataError:
+        return False
+    return found is not None and _identify(found) not in (None, name)
 
 
 def _files_in(directory: Path, stem: str) -> Path | None:
@@ -228,13 +251,11 @@ def _identify(found: dict[str, Path] | Path) -> str | None:
 def download(name: str, target: Path) -> dict[str, Path]:
     """Fetch the four .gz files into target with keras.utils.get_file (hash-checked)."""
     dataset = spec(name)
-    created = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)
+    created = files.make_dirs(target)
     try:
         return _download_into(dataset, target)
     except BaseException:
-        if created and not any(target.iterdir()):
-            target.rmdir()  # a failed download leaves no empty directory behind
+        files.remove_empty(created)  # a failed download leaves no empty folders behind
         raise
 
 

@@ -1,5 +1,6 @@
-"""Metrics from a checkpoint's SavedModel signature: on a labelled split, on a labelled folder of
-the user's own images, or on the test images under a suite of corruptions."""
+"""Metrics of a checkpoint's SavedModel signature (the authority): on a labelled split, on a
+labelled folder of the user's own images, or on the test images under a suite of
+corruptions; and the picture of its most confident mistakes."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from cnnmnist import checkpoint, data
+from cnnmnist import checkpoint, data, runners, sheets
 from cnnmnist.errors import CnnmnistError
+from cnnmnist.preprocess import BLANK, IMAGE_SUFFIXES, has_ink, image_files, prepare, prepare_pixels
 
 SPLITS = ("test", "validation", "train")
 Z95 = 1.959963984540054
@@ -158,7 +160,7 @@ def evaluate(
     """Run the checkpoint's serving signature over a split and collect the predictions."""
     ckpt, name, images, labels, warnings = _labelled(path, split, dataset, data_dir)
     started = time.perf_counter()
-    probabilities = ckpt.predict(images, batch_size=batch_size)
+    probabilities = runners.load(ckpt, fast=False).probabilities(images, batch_size)
     return Report(
         checkpoint=Path(path),
         dataset=name,
@@ -173,10 +175,9 @@ def evaluate(
 
 def labelled_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
     """The image files of a folder laid out one subfolder per class, `folder/0/` to `folder/9/`
-    (as keras.utils.image_dataset_from_directory reads it, subfolders included), each with its
-    label; and notes about what was left out. A folder laid out otherwise is an error."""
-    from cnnmnist.predict import IMAGE_SUFFIXES
-
+    (as keras.utils.image_dataset_from_directory reads it), each with its label, found by
+    `image_files` (subfolders included, hidden ones not); and notes about what was left
+    out. A folder laid out otherwise is an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CnnmnistError(f"{folder}: no such folder")
@@ -190,15 +191,12 @@ def labelled_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
         )
     if not classes:
         raise CnnmnistError(f"{folder}: no class subfolders; {expected}")
-    files, skipped = [], 0
+    labelled, skipped = [], 0
     for cls in classes:
-        for p in sorted(cls.rglob("*")):
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(cls).parts):
-                if p.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append((str(p), int(cls.name)))
-                else:
-                    skipped += 1
-    if not files:
+        found, other = image_files(cls)
+        labelled += [(str(p), int(cls.name)) for p in found]
+        skipped += other
+    if not labelled:
         raise CnnmnistError(f"{folder}: no image files in its digit subfolders; {expected}")
     notes = []
     if skipped:
@@ -209,26 +207,24 @@ def labelled_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
     loose = [e.name for e in entries if e.is_file()]
     if loose:
         notes.append(f"{folder}: ignored {len(loose)} files outside the digit subfolders")
-    return files, notes
+    return labelled, notes
 
 
 def evaluate_folder(path: Path, folder: Path, batch_size: int = 1000) -> Report:
     """Evaluate on the user's own labelled images, each prepared exactly as `predict` prepares
     it. Files that cannot be read or hold no ink are listed in the report, not evaluated."""
-    from cnnmnist.predict import BLANK, has_ink, prepare
-
-    files, notes = labelled_files(folder)
+    labelled, notes = labelled_files(folder)
     ckpt = checkpoint.read(path)
-    prepared = [(prepare(source), label) for source, label in files]
+    prepared = [(prepare(source), label) for source, label in labelled]
     unreadable = [
         {"file": p.source, "error": p.error or BLANK} for p, _ in prepared if not has_ink(p)
     ]
     ready = [(p, label) for p, label in prepared if has_ink(p)]
     if not ready:
-        raise CnnmnistError(f"{folder}: none of its {len(files)} images could be read")
+        raise CnnmnistError(f"{folder}: none of its {len(labelled)} images could be read")
     images = np.stack([p.pixels for p, _ in ready])
     started = time.perf_counter()
-    probabilities = ckpt.predict(images, batch_size=batch_size)
+    probabilities = runners.load(ckpt, fast=False).probabilities(images, batch_size)
     return Report(
         checkpoint=Path(path),
         dataset="images",
@@ -254,30 +250,21 @@ def robustness(
     report): one fixed, seeded sample, so two runs on one checkpoint agree exactly. Each
     corruption is scored twice: on the raw corrupted pixels (as MNIST-C scores a model), and
     after `predict`'s preprocessing (what a user who sent that picture gets)."""
-    from cnnmnist import corruptions, serving
-    from cnnmnist.predict import prepare_pixels as prepared
+    from cnnmnist import corruptions
 
     ckpt, name, images, labels, warnings = _labelled(path, split, dataset, data_dir)
     started = time.perf_counter()
-    model = serving.SavedModel(ckpt.path)
+    model = runners.load(ckpt, fast=False)
 
     def scored(pixels: np.ndarray) -> dict[str, Any]:
-        predicted = model.probabilities(pixels, batch_size).argmax(axis=1)
-        correct = int((predicted == labels).sum())
-        recalls = [row["recall"] for row in per_class(confusion(labels, predicted))]
-        worst = int(np.argmin(recalls))
-        return {
-            "accuracy": correct / len(labels),
-            "accuracy_ci95": list(wilson(correct, len(labels))),
-            "worst_class": {"label": worst, "recall": recalls[worst]},
-        }
+        return _scored(model.probabilities(pixels, batch_size).argmax(axis=1), labels)
 
     clean = scored(images)
     rows = []
     for corruption, fn in corruptions.CORRUPTIONS.items():
         corrupted = corruptions.apply(corruption, images)
         row = scored(corrupted)
-        row["accuracy_prepared"] = scored(prepared(corrupted))["accuracy"]
+        row["accuracy_prepared"] = scored(prepare_pixels(corrupted))["accuracy"]
         rows.append({"name": corruption, "description": fn.__doc__.strip()} | row)
     mean = float(np.mean([row["accuracy"] for row in rows]))
     return {
@@ -291,81 +278,36 @@ def robustness(
         "corruptions": rows,
         "mean_accuracy": mean,
         "mean_error_ratio": (1 - mean) / max(1 - clean["accuracy"], 1 / len(labels)),
-        "clean_accuracy_prepared": scored(prepared(images))["accuracy"],
+        "clean_accuracy_prepared": scored(prepare_pixels(images))["accuracy"],
         "mean_accuracy_prepared": float(np.mean([row["accuracy_prepared"] for row in rows])),
         "seconds": round(time.perf_counter() - started, 3),
         "warnings": warnings,
     }
 
 
-# The --errors picture: a grid of the most confident mistakes.
-ERROR_COLUMNS = 6
-ERROR_SCALE = 3
-ERROR_CAPTION = 16
-
-
-def error_grid_size(count: int, originals: bool = False) -> tuple[int, int]:
-    """Width and height in pixels of the --errors picture for `count` mistakes (each twice as
-    wide when the original image is drawn beside the 28x28 the model saw)."""
-    columns = min(max(count, 1), ERROR_COLUMNS)
-    rows = max(1, math.ceil(count / ERROR_COLUMNS))
-    width = 28 * ERROR_SCALE * (2 if originals else 1)
-    return columns * width, rows * (28 * ERROR_SCALE + ERROR_CAPTION)
+def _scored(predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Accuracy, its 95% interval, and the class with the lowest recall."""
+    correct = int((predicted == labels).sum())
+    recalls = [row["recall"] for row in per_class(confusion(labels, predicted))]
+    worst = int(np.argmin(recalls))
+    return {
+        "accuracy": correct / len(labels),
+        "accuracy_ci95": list(wilson(correct, len(labels))),
+        "worst_class": {"label": worst, "recall": recalls[worst]},
+    }
 
 
 def write_errors(report: Report, path: Path, count: int = 36) -> tuple[int, bool]:
     """Draw the most confident mistakes (digit, true -> predicted, confidence) into a PNG,
     atomically; return how many, and whether an existing file was replaced. For a folder of
     the user's images, each original is drawn beside the 28x28 input the model saw."""
-    from PIL import Image, ImageDraw
-
     chosen = report.mistakes(count)
-    originals = report.files is not None
-    side = 28 * ERROR_SCALE
-    width = side * (2 if originals else 1)
-    sheet = Image.new("L", error_grid_size(len(chosen), originals), color=255)
-    draw = ImageDraw.Draw(sheet)
-    for k, i in enumerate(chosen):
-        x, y = (k % ERROR_COLUMNS) * width, (k // ERROR_COLUMNS) * (side + ERROR_CAPTION)
-        digit = Image.fromarray(255 - report.images[i]).resize((side, side), Image.NEAREST)
-        sheet.paste(digit, (x + width - side, y))
-        if originals:
-            sheet.paste(_original(report.files[i], side), (x, y))
+    tiles = []
+    for i in chosen:
         p = report.probabilities[i]
+        original = report.files[i] if report.files is not None else None
         caption = f"{report.labels[i]} as {p.argmax()}  {p.max():.0%}"
-        draw.text((x + 4, y + side + 2), caption, fill=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        tiles.append(sheets.Tile(report.images[i], caption, original))
     replaced = path.exists()
-    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
+    sheets.write(tiles, path)
     return len(chosen), replaced
-
-
-def _original(source: str, side: int):
-    """The user's image as decoded for `predict` (upright, grey), fitted into side x side."""
-    from PIL import Image
-
-    from cnnmnist.predict import decode, read_file
-
-    grey, _, _ = decode(read_file(source), source)
-    image = Image.fromarray(np.round(grey * 255).astype(np.uint8))
-    image.thumbnail((side, side))
-    tile = Image.new("L", (side, side), color=255)
-    tile.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-    return tile
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it into place: a
-    reader never sees half a file, and a failure leaves what was there."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~checkpoint.umask())  # as open() makes it, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

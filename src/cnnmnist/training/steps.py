@@ -1,5 +1,6 @@
-"""The training run, as a few named steps: where to write -> data -> model -> fit -> the
-served model and its test accuracy -> checkpoint. `run` tells the whole story."""
+"""The training run, as named steps: where to write -> data -> devices and precision -> the
+network, trained -> the served network and its test accuracy -> the checkpoint. `train`
+tells the whole story; each step takes the one `Run` it adds to."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ import shlex
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from cnnmnist import __version__, checkpoint, data, distribute, runtime, styles
-from cnnmnist import resume as resume_state
+from cnnmnist import __version__, checkpoint, cluster, data, export, files, render
 from cnnmnist.errors import CheckpointError, CnnmnistError, Interrupted, UsageError
+from cnnmnist.model import without_augmentation
 from cnnmnist.presets import Preset
+from cnnmnist.training import distribute, loop, network, pipeline, runtime, styles
+from cnnmnist.training import resume as resume_state
+from cnnmnist.training.callbacks import Safekeeping, sigint_to
+from cnnmnist.training.progress import Progress
 
 # A test accuracy under this (chance is 10%), or this far under the last epoch's training
 # accuracy, means the served model is broken, whatever training reported: say so loudly.
@@ -44,7 +51,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     seconds: float
     model: Any = field(default=None, repr=False)
-    worker: distribute.Role = field(default_factory=distribute.Role)
+    worker: cluster.Role = field(default_factory=cluster.Role)
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -90,19 +97,45 @@ class Destination:
     tensorboard: Path | None
 
 
+@dataclass
+class Run:
+    """One run as its steps fill it in: what it trains, where, on what, and how."""
+
+    recipe: Preset
+    options: Options
+    where: Destination
+    role: cluster.Role
+    state: dict[str, Any] | None  # the recorded state of the run being resumed
+    started: float = field(default_factory=time.perf_counter)
+    dataset: data.Dataset | None = None
+    strategy: Any = None  # tf.distribute.Strategy
+    policy: str = "float32"
+    images: np.ndarray | None = None  # what it trains on, after the validation images
+    labels: np.ndarray | None = None
+    flagged: int = 0  # training 1s redrawn with a flag (styles)
+    boxed: int = 0  # training digits stored as box-normalised scans (styles)
+
+    @property
+    def steps(self) -> int:
+        """Training steps per epoch."""
+        return pipeline.steps_per_epoch(
+            len(self.images), self.recipe.batch_size, self.strategy.num_replicas_in_sync
+        )
+
+
 def run(recipe: Preset | None, options: Options) -> TrainResult:
     """Train a recipe (or resume the interrupted run at options.out), write its checkpoint."""
     if options.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise CnnmnistError(
             "--tensorboard needs the tensorboard package: pip install 'cnnmnist[tensorboard]'"
         )
-    role = distribute.role(options.strategy)  # a bad TF_CONFIG fails here, before TensorFlow
+    role = cluster.role(options.strategy)
     try:
         with destination(role, options) as (where, state):
             if state is not None:
                 recipe = Preset(**state["recipe"])
                 options = _recorded_options(options, state)
-            return train(recipe, state, where, role, options)
+            return train(Run(recipe, options, where, role, state))
     except Exception as e:
         failure = distribute.failure(e, role)  # TensorFlow's runtime errors, as one line
         if failure is None:
@@ -110,9 +143,61 @@ def run(recipe: Preset | None, options: Options) -> TrainResult:
         raise failure from None
 
 
+def train(run: Run) -> TrainResult:
+    """The run's steps: data, devices, the network trained, served and tested, written."""
+    load_data(run)
+    set_up(run)
+    with runtime.global_policy(run.policy):
+        training_split(run)
+        render.note(header(run))
+        net, history = fit(run)
+        try:  # Ctrl-C from here on: every epoch is saved, --resume writes the checkpoint
+            served, test, warnings = serve_and_test(run, net, history)
+            meta = metadata(run, history) | {"test": test, "warnings": warnings}
+            export.write(
+                net,
+                run.where.out,
+                meta,
+                overwrite=run.where.force,
+                check_images=run.dataset.test_images,
+                served=served,
+                step=render.status,
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted while writing the checkpoint; continue with: "
+                f"{_resume_command(run.where.source, run.where.force)}"
+            ) from None
+    resume_state.discard(run.where.out)
+    return TrainResult(
+        checkpoint=run.where.out if run.role.chief else None,
+        preset=run.recipe.name,
+        epochs=run.recipe.epochs,
+        test_accuracy=test["accuracy"],
+        test_loss=test["loss"],
+        history=history,
+        seconds=time.perf_counter() - run.started,
+        model=net,
+        worker=run.role,
+        warnings=warnings,
+    )
+
+
+def serve_and_test(run: Run, net, history) -> tuple[keras.Model, dict[str, Any], list[str]]:
+    """The network as the checkpoint serves it, its test result, and what the user must hear
+    about that result."""
+    with render.status("measuring batch norm's statistics"):
+        served = network.served(net, run.recipe, run.strategy, run.images)
+    images, labels = run.dataset.test_images, run.dataset.test_labels
+    with render.status(f"testing on {len(labels):,} images"):
+        loss, accuracy = loop.Evaluation(served, tf.distribute.get_strategy())(images, labels)
+    test = {"accuracy": accuracy, "loss": loss, "n": len(labels)}
+    return served, test, sanity_warnings(accuracy, history)
+
+
 @contextlib.contextmanager
 def destination(
-    role: distribute.Role, options: Options
+    role: cluster.Role, options: Options
 ) -> Iterator[tuple[Destination, dict[str, Any] | None]]:
     """The one place that decides where this process writes, and with which resume state.
 
@@ -121,6 +206,7 @@ def destination(
     logs too); a resumed run reads the chief's state, so --out must be on shared storage.
     """
     out = Path(options.out)
+    files.check_name(out)  # before minutes of training, not after
     if not role.chief:
         state = resume_state.load_state(out) if options.resume else None
         if options.resume and state is None:
@@ -133,20 +219,25 @@ def destination(
             logs = Path(scratch) / "tensorboard" if options.tensorboard else None
             yield Destination(out, Path(scratch) / out.name, True, logs), state
         return
-    with resume_state.lock(out):
-        checkpoint.recover(out)
-        state = _interrupted_run(out, options)
-        if out.exists() and not options.force:  # fail before minutes of training, not after
-            raise CheckpointError(f"{out}: already exists; pass --force to replace it")
-        checkpoint.check_replaceable(out)
-        yield Destination(out, out, options.force, options.tensorboard), state
+    created = files.make_dirs(out.parent)
+    try:
+        with files.lock(out):
+            files.recover(out)
+            state = _interrupted_run(out, options)
+            if out.exists() and not options.force:  # fail before minutes of training
+                raise CheckpointError(f"{out}: already exists; pass --force to replace it")
+            checkpoint.check_replaceable(out)
+            yield Destination(out, out, options.force, options.tensorboard), state
+    except BaseException:
+        files.remove_empty(created)  # a refused or failed run leaves no new empty folders
+        raise
 
 
 def _interrupted_run(out: Path, options: Options) -> dict[str, Any] | None:
     """The state to resume from: with --resume, the recorded one (which the flags given must
-    match); with --force, none (an interrupted run is discarded, and the user told)."""
-    from cnnmnist.console import err
-
+    match); with --force, none (an interrupted run is discarded, and the user told). A folder
+    at OUT.partial that this tool did not write is refused either way."""
+    resume_state.check_partial(out)
     partial = resume_state.partial_dir(out)
     if options.force and not options.resume and partial.exists():
         try:
@@ -155,7 +246,7 @@ def _interrupted_run(out: Path, options: Options) -> dict[str, Any] | None:
         except CnnmnistError:
             what = "unreadable"
         resume_state.discard(out)
-        err().print(f"--force: discarded the interrupted run in {partial} ({what})", soft_wrap=True)
+        render.note(f"--force: discarded the interrupted run in {partial} ({what})")
         return None
     state = resume_state.load_state(out)
     if options.resume and state is None:
@@ -186,8 +277,6 @@ def _check_expected(state: dict[str, Any], expected: dict[str, Any], partial: Pa
 
 def _recorded_options(options: Options, state: dict[str, Any]) -> Options:
     """A resumed run reads the dataset it started with (from where it was, unless told)."""
-    from dataclasses import replace
-
     recorded_dir = state["options"]["data_dir"]
     return replace(
         options,
@@ -196,118 +285,100 @@ def _recorded_options(options: Options, state: dict[str, Any]) -> Options:
     )
 
 
-def train(
-    recipe: Preset,
-    state: dict[str, Any] | None,
-    where: Destination,
-    role: distribute.Role,
-    options: Options,
-) -> TrainResult:
-    """Fit the recipe (from `state`, if resuming), evaluate, and write the checkpoint."""
-    started = time.perf_counter()
-    ds = data.load(options.dataset, options.data_dir)
-    runtime.configure_device(options.device)
-    engine = distribute.strategy(options.strategy, options.devices)  # before any other op
-    policy = runtime.precision_policy(recipe.precision)
-    with runtime.global_policy(policy):
-        x_train, y_train, flagged = training_split(ds, recipe)
-        net, history = fit(recipe, state, where, engine, x_train, y_train, ds, options)
-        try:  # Ctrl-C from here on: every epoch is saved, --resume writes the checkpoint
-            served = served_model(net, recipe, engine, x_train)
-            test_loss, test_accuracy = evaluate(served, ds)
-            warnings = sanity_warnings(test_accuracy, history)
-            meta = metadata(
-                recipe, ds, len(x_train), flagged, history, policy, engine, role, started
-            )
-            meta |= {
-                "test": {"accuracy": test_accuracy, "loss": test_loss, "n": len(ds.test_labels)}
-            }
-            meta["warnings"] = warnings
-            checkpoint.write(
-                net,
-                where.out,
-                meta,
-                overwrite=where.force,
-                check_images=ds.test_images,
-                served=served,
-            )
-        except KeyboardInterrupt:
-            raise Interrupted(
-                f"interrupted while writing the checkpoint; continue with: "
-                f"{_resume_command(where.source, where.force)}"
-            ) from None
-    resume_state.discard(where.out)
-    return TrainResult(
-        checkpoint=where.out if role.chief else None,
-        preset=recipe.name,
-        epochs=recipe.epochs,
-        test_accuracy=test_accuracy,
-        test_loss=test_loss,
-        history=history,
-        seconds=time.perf_counter() - started,
-        model=net,
-        worker=role,
-        warnings=warnings,
-    )
+def load_data(run: Run) -> None:
+    """The dataset, found, verified (or downloaded) and parsed."""
+    with render.status(f"reading {run.options.dataset}"):
+        run.dataset = data.load(run.options.dataset, run.options.data_dir)
 
 
-def training_split(ds, recipe: Preset) -> tuple[np.ndarray, np.ndarray, int]:
+def set_up(run: Run) -> None:
+    """Devices, the distribution strategy (before any other op) and the precision."""
+    with render.status("starting TensorFlow's devices"):
+        runtime.configure_device(run.options.device)
+        run.strategy = distribute.strategy(run.options.strategy, run.options.devices)
+        run.policy = runtime.precision_policy(run.recipe.precision)
+
+
+def training_split(run: Run) -> None:
     """The images the recipe trains on (after the validation ones, the first train_size),
     their labels, and how many of its 1s were given a flag (digits only: on another dataset
     label 1 is something else)."""
-    x, y = ds.split("train", recipe.validation_size)
+    recipe = run.recipe
+    x, y = run.dataset.split("train", recipe.validation_size)
     if recipe.train_size:
         x, y = x[: recipe.train_size], y[: recipe.train_size]
-    if data.spec(ds.name).classes != data.DIGITS:
-        return x, y, 0
-    x, flagged = styles.with_flagged_ones(x, y, recipe.flagged_ones, recipe.seed)
-    return x, y, flagged
+    if data.spec(run.dataset.name).classes == data.DIGITS:
+        x, run.flagged = styles.with_flagged_ones(x, y, recipe.flagged_ones, recipe.seed)
+        if recipe.box_scans:
+            with render.status(f"storing {recipe.box_scans:.0%} of the digits as box scans"):
+                x, run.boxed = styles.with_box_scans(x, y, recipe.box_scans, recipe.seed)
+    run.images, run.labels = x, y
 
 
-def fit(recipe, state, where: Destination, engine, x_train, y_train, ds, options: Options):
-    """Train the model from scratch or from `state` to the recipe's last epoch, saving the
-    state after each one; returns the model and the history. Stopping early raises."""
-    import keras
+def header(run: Run) -> str:
+    """The line before training: what trains on what, on which device, in which precision."""
+    recipe, strategy = run.recipe, run.strategy
+    try:
+        names = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy: TensorFlow's first GPU, else the CPU
+        names = [d.name for d in tf.config.list_logical_devices("GPU")][:1] or ["CPU:0"]
+    devices = sorted({cluster.canonical(name) for name in names})
+    held = f", {recipe.validation_size:,} held out" if recipe.validation_size else ""
+    start = f", resuming after epoch {run.state['epoch']}" if run.state else ""
+    epochs = f"{recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''}"
+    return (
+        f"training {recipe.name} on {run.dataset.name}: {len(run.images):,} images{held}; "
+        f"{epochs} of {run.steps} steps (batch {recipe.batch_size}){start}; "
+        f"{', '.join(devices)}, {run.policy} -> {run.where.source}"
+    )
 
-    from cnnmnist import loop, model, pipeline
-    from cnnmnist.callbacks import safekeeping, sigint_to
-    from cnnmnist.console import progress_callback
 
+def fit(run: Run) -> tuple[keras.Model, list[dict[str, Any]]]:
+    """Train the network from scratch or from the recorded state to the recipe's last epoch,
+    saving the state after each one; returns it and the history. Stopping early raises."""
+    recipe, where, state = run.recipe, run.where, run.state
     keras.utils.set_random_seed(recipe.seed)
-    steps = pipeline.steps_per_epoch(len(x_train), recipe.batch_size, engine.num_replicas_in_sync)
     first_epoch = state["epoch"] if state else 0
-    with engine.scope():
+    with run.strategy.scope():
         if state:
-            net = resume_state.restore(where.source, state)
+            with render.status(f"loading the interrupted run from {where.source}.partial"):
+                net = resume_state.restore(where.source, state)
         else:
-            net = model.compile_model(recipe, steps)
+            net = network.compiled(recipe, run.steps)
         trainer = loop.Loop(
             net,
-            engine,
+            run.strategy,
             recipe.batch_size,
             label_smoothing=recipe.label_smoothing,
             clean=(
-                model.without_augmentation(net)
+                (without_augmentation(net), recipe.first_clean_epoch)
                 if recipe.first_clean_epoch < recipe.epochs
                 else None
             ),
-            clean_from=recipe.first_clean_epoch,
         )
-    progress = progress_callback(
-        recipe.epochs, steps, history=state["history"] if state else [], live=options.live_progress
+    progress = Progress(
+        recipe.epochs,
+        run.steps,
+        history=state["history"] if state else [],
+        live=run.options.live_progress,
     )
-    recorded = {"dataset": ds.name, "data_dir": str(options.data_dir) if options.data_dir else None}
-    keeper = safekeeping(
+    recorded = {
+        "dataset": run.dataset.name,
+        "data_dir": str(run.options.data_dir) if run.options.data_dir else None,
+    }
+    keeper = Safekeeping(
         lambda epoch: resume_state.save(net, where.out, epoch, progress.history, recipe, recorded)
     )
     callbacks = [progress, keeper]  # progress first: the saved history includes this epoch
     if where.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(str(where.tensorboard), write_graph=False))
-    validation = ds.split("validation", recipe.validation_size) if recipe.validation_size else None
+    validation = (
+        run.dataset.split("validation", recipe.validation_size) if recipe.validation_size else None
+    )
     epochs = range(first_epoch, recipe.epochs)
     if len(epochs):
         with sigint_to(keeper):
-            trainer.fit_arrays(x_train, y_train, recipe.seed, epochs, callbacks, validation)
+            trainer.fit_arrays(run.images, run.labels, recipe.seed, epochs, callbacks, validation)
     _raise_if_stopped(keeper, recipe, where, done=max(keeper.completed, first_epoch))
     return net, progress.history
 
@@ -347,38 +418,6 @@ def _resume_command(out: Path, force: bool) -> str:
     return f"cnnmnist train --resume --out {shlex.quote(str(out))}{again}"
 
 
-def served_model(net, recipe: Preset, engine, x_train):
-    """The trained model as the checkpoint serves it: float32, on no distribution strategy,
-    with batch norm's statistics measured over training images.
-
-    Mixed-precision training keeps float32 weights; serving them in float32 is portable
-    (bfloat16 kernels exist only on some CPUs), at least as accurate, and convertible to
-    TFLite. A model trained under a strategy is copied out of it, so the export is the same
-    as a single-process run's. The training model gets the same statistics (model.keras).
-    """
-    from cnnmnist import model
-
-    served = net
-    if net.dtype_policy.name != "float32" or engine is not _default_strategy():
-        with runtime.global_policy("float32"):
-            served = model.build(recipe)
-        served.set_weights(net.get_weights())
-    if model.settle_batch_norm(served, x_train) and served is not net:
-        for layer in served.layers:
-            if hasattr(layer, "moving_mean"):
-                twin = net.get_layer(layer.name)
-                twin.moving_mean.assign(layer.moving_mean.numpy())
-                twin.moving_variance.assign(layer.moving_variance.numpy())
-    return served
-
-
-def evaluate(served, ds) -> tuple[float, float]:
-    """The served model's mean cross-entropy and accuracy on the test images."""
-    from cnnmnist import loop
-
-    return loop.Evaluation(served, _default_strategy())(ds.test_images, ds.test_labels)
-
-
 def sanity_warnings(test_accuracy: float, history: list[dict[str, Any]]) -> list[str]:
     """What a user must hear about a finished run's test accuracy: near chance, or far below
     what training reached (the served model does not compute what was trained)."""
@@ -396,29 +435,26 @@ def sanity_warnings(test_accuracy: float, history: list[dict[str, Any]]) -> list
     return []
 
 
-def metadata(
-    recipe, ds, train_size, flagged_ones, history, policy, engine, role, started
-) -> dict[str, Any]:
+def metadata(run: Run, history: list[dict[str, Any]]) -> dict[str, Any]:
     """What cnnmnist.json records about the run (the test result is added by the caller)."""
-    import keras
-    import tensorflow as tf
-
+    recipe, ds = run.recipe, run.dataset
     return {
         "preset": recipe.name,
         "hyperparameters": recipe.hyperparameters(),
-        "dtype_policy": policy,
+        "dtype_policy": run.policy,
         "seed": recipe.seed,
         "distribution": {
-            "strategy": type(engine).__name__,
-            "replicas": engine.num_replicas_in_sync,
-            "workers": role.workers,
+            "strategy": type(run.strategy).__name__,
+            "replicas": run.strategy.num_replicas_in_sync,
+            "workers": run.role.workers,
         },
         "dataset": {
             "name": ds.name,
             "source": str(ds.source),
             "checksums": ds.checksums,
-            "train_size": train_size,
-            "flagged_ones": flagged_ones,  # training 1s given a flag (styles)
+            "train_size": len(run.images),
+            "flagged_ones": run.flagged,  # training 1s given a flag (styles)
+            "box_scans": run.boxed,  # training digits stored as box scans (styles)
             "validation_size": recipe.validation_size,
             "test_size": len(ds.test_images),
         },
@@ -431,7 +467,7 @@ def metadata(
             "numpy": np.__version__,
             "python": platform.python_version(),
         },
-        "training_seconds": round(time.perf_counter() - started, 3),
+        "training_seconds": round(time.perf_counter() - run.started, 3),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "signature": {
             "name": checkpoint.SIGNATURE,
@@ -439,9 +475,3 @@ def metadata(
             "output": "probabilities: float32 [N, 10]",
         },
     }
-
-
-def _default_strategy():
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy()

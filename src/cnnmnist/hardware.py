@@ -1,12 +1,11 @@
-"""Setting up TensorFlow for a run: which device, which precision (Keras dtype policy)."""
+"""What this machine offers training (stdlib only): the CPU's flags, native bfloat16, a
+oneDNN cap, and so the precision `--precision auto` resolves to."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
-from cnnmnist.errors import CnnmnistError, UsageError
+from cnnmnist.errors import UsageError
 
 NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags of native bfloat16 math
 # oneDNN's instruction sets below AVX-512 (values of its ONEDNN_MAX_CPU_ISA). Held to one of
@@ -52,40 +51,3 @@ def resolve_precision(choice: str, flags: set[str], has_gpu: bool, cap: str | No
             "float32 or auto, or unset ONEDNN_MAX_CPU_ISA"
         )
     return {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[choice]
-
-
-def configure_device(device: str) -> None:
-    """Choose CPU or GPU before TensorFlow touches a device; GPUs grow their memory as needed."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if device == "gpu" and not gpus:
-        raise CnnmnistError(
-            "--device gpu: TensorFlow sees no GPU on this machine (use --device cpu)"
-        )
-    if device == "cpu":
-        tf.config.set_visible_devices([], "GPU")
-        return
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-
-
-def precision_policy(choice: str) -> str:
-    """The dtype policy for --precision on this machine (TensorFlow's devices are set up)."""
-    import tensorflow as tf
-
-    has_gpu = bool(tf.config.list_logical_devices("GPU"))
-    return resolve_precision(choice, cpu_flags(), has_gpu, onednn_cap())
-
-
-@contextlib.contextmanager
-def global_policy(name: str) -> Iterator[None]:
-    """Keras's dtype policy is a global: set it for the run, then leave it as found."""
-    import keras
-
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)

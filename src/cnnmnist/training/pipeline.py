@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import tensorflow as tf
 
 from cnnmnist.errors import UsageError
 
@@ -42,8 +43,6 @@ def replica_rows(order, steps: int, global_batch: int, shard: Shard, pad: bool =
     up to whole steps with -1 (padding that evaluation weighs 0: it sees every image once);
     without, it is cut to whole steps (training: full batches only).
     """
-    import tensorflow as tf
-
     per_replica = global_batch // shard.replicas
     order = tf.cast(order, tf.int64)
     needed = steps * global_batch
@@ -56,7 +55,6 @@ def replica_rows(order, steps: int, global_batch: int, shard: Shard, pad: bool =
 
 def _gather(x, y):
     """Indices -> (float32 pixels, int32 labels)."""
-    import tensorflow as tf
 
     def gather(rows):
         return tf.cast(tf.gather(x, rows), tf.float32), tf.gather(y, rows)
@@ -69,7 +67,6 @@ def _gather_weighted(x, y):
     reads image 0 and weighs 0. Every replica's batch keeps its full size: an empty or short
     batch on one replica is what broke evaluation over two replicas (oneDNN's pooling returns
     a wrongly shaped result for an empty batch, and the next convolution fails)."""
-    import tensorflow as tf
 
     def gather(rows):
         real = rows >= 0
@@ -86,16 +83,12 @@ def _prefetched(ds):
     "fit() takes seconds to return" oddity; docs/results.md, Speed); without, it does not.
     Gathering a batch is cheap, so fixed small parallelism loses nothing.
     """
-    import tensorflow as tf
-
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.prefetch(2).with_options(options)
 
 
 def _tensors(images: np.ndarray, labels: np.ndarray):
-    import tensorflow as tf
-
     return tf.constant(images.reshape(-1, 28, 28, 1)), tf.constant(labels.astype(np.int32))
 
 
@@ -108,8 +101,6 @@ def training_batches(
     shard: Shard = Shard(),
 ):
     """tf.data per-replica batches for epochs `epochs`, uint8 in memory, cast per batch."""
-    import tensorflow as tf
-
     x, y = _tensors(images, labels)
     n = len(images)
     steps = steps_per_epoch(n, global_batch, shard.replicas)
@@ -129,8 +120,6 @@ def evaluation_batches(
 ):
     """Every image once, in order, split over the replicas as weighted batches of `batch`
     (at most the number of images): the padding that fills the last step weighs 0."""
-    import tensorflow as tf
-
     x, y = _tensors(images, labels)
     batch = max(1, min(batch, math.ceil(len(images) / shard.replicas)))
     global_batch = batch * shard.replicas

@@ -1,17 +1,23 @@
-"""Ways of writing digits that MNIST lacks, drawn into its training images (numpy only).
+"""Ways of writing and storing digits that MNIST lacks, drawn into its training images.
 
 MNIST's writers were American. Much of the world starts a 1 with a flag from its top, and
 some give it a foot; MNIST has few such 1s, and a network trained on it alone reads them as
 4 or 7. A recipe can ask for a share of its training 1s to be redrawn that way.
+
+Other scanned collections stored each digit stretched on both axes to fill a small square
+box, binarised, and cut where it left the scanner's box. A recipe can ask for a share of
+its training digits to be stored that way, then prepared as `predict` would prepare such a
+file, so the network sees them as it will be shown them.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
-from cnnmnist.model import INPUT_SHAPE
+from cnnmnist.preprocess import ink_map, to_mnist
 
-SIDE = INPUT_SHAPE[0]
+SIDE = 28  # MNIST's images are SIDE x SIDE
 MIN_HEIGHT = 8  # rows of ink: a smaller 1 is left as it is
 MAX_SLANT = 0.35  # columns per row (about 20 degrees): a 1 slanted more would look like a 7
 FLAG_ANGLE = (35.0, 65.0)  # degrees below the horizontal: a 7's bar is level, a flag is not
@@ -20,6 +26,9 @@ FLAG_LENGTH = (0.2, 0.4)  # of the 1's height, beyond the stem
 FOOT_SHARE = 0.2  # of the flagged 1s, given a foot too
 FOOT_HALF = (0.15, 0.3)  # of the 1's height, on each side of the stem
 INK = 0.3  # a row with less ink than this (0..1 summed) is paper
+BOX_SIDES = (16, 16, 12, 10)  # the squares the collections stretched their digits to fill
+BOX_CUT = (0.08, 0.25)  # of the extent: what is lost where a digit left the scanner's box
+BOX_THRESHOLDS = (0.3, 0.5, 0.7)  # ink levels the collections binarised at
 
 _ROWS, _COLS = np.mgrid[:SIDE, :SIDE].astype(np.float64)
 _INDEX = np.arange(SIDE, dtype=np.float64)
@@ -84,3 +93,43 @@ def with_flagged_ones(
         if one is not None:
             out[i], flagged = one, flagged + 1
     return out, flagged
+
+
+def box_scan(image: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """A digit (uint8, 28x28, white on black) as a box-normalised collection stores it (cropped
+    to its ink; half of the time cut at one or two sides by BOX_CUT of its extent; stretched
+    on both axes to fill a square of BOX_SIDES pixels; binarised at one of BOX_THRESHOLDS),
+    then prepared from that small black-on-white image as `predict` prepares a file. None if
+    it has too little ink to crop."""
+    ink = image.astype(np.float64) / 255
+    rows, cols = np.flatnonzero(ink.max(axis=1) > 0.2), np.flatnonzero(ink.max(axis=0) > 0.2)
+    if len(rows) < 4 or not len(cols):
+        return None
+    box = [rows[0], rows[-1] + 1, cols[0], cols[-1] + 1]  # top, bottom, left, right
+    if rng.random() < 0.5:
+        for side in rng.choice(4, size=int(rng.integers(1, 3)), replace=False):
+            extent = box[1] - box[0] if side < 2 else box[3] - box[2]
+            box[side] += (1 if side % 2 == 0 else -1) * int(rng.uniform(*BOX_CUT) * extent)
+    top, bottom, left, right = box
+    crop = Image.fromarray(np.round(ink[top:bottom, left:right] * 255).astype(np.uint8))
+    side = int(rng.choice(BOX_SIDES))
+    stretched = np.asarray(crop.resize((side, side), Image.Resampling.BILINEAR)) / 255
+    binary = stretched > rng.choice(BOX_THRESHOLDS)
+    return to_mnist(ink_map(1.0 - binary))[0]
+
+
+def with_box_scans(
+    images: np.ndarray, labels: np.ndarray, share: float, seed: int
+) -> tuple[np.ndarray, int]:
+    """The images with `share` of them (picked by seed, any digit) stored as box-normalised
+    scans (`box_scan`), a copy; and how many were."""
+    if not share:
+        return images, 0
+    rng = np.random.default_rng([seed, 2])  # its own stream, as the flagged ones have theirs
+    picked = np.sort(rng.choice(len(images), round(len(images) * share), replace=False))
+    out, stored = images.copy(), 0
+    for i in picked:
+        scan = box_scan(images[i], rng)
+        if scan is not None:
+            out[i], stored = scan, stored + 1
+    return out, stored

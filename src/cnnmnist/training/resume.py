@@ -1,4 +1,4 @@
-"""The state of a run in progress: saved every epoch beside the checkpoint, locked to one writer.
+"""The state of a run in progress, saved after every epoch beside the checkpoint it writes.
 
 `OUT.partial/` holds the last completed epoch (Keras model with optimizer state, the dropout
 RNG state, history, the resolved recipe). It sits beside OUT, not inside it, so a previous
@@ -12,12 +12,14 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cnnmnist import schema
+import keras
+
+import cnnmnist.model  # noqa: F401 - registers the Keras classes model.keras names
+from cnnmnist import files, schema
 from cnnmnist.errors import CnnmnistError, UsageError
 from cnnmnist.presets import DATASETS, Preset
 
@@ -31,34 +33,31 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-@contextlib.contextmanager
-def lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out` for this process; the operating system drops it if we
-    die. The lock file `.OUT.lock` names its holder's pid, and is removed on release (filelock
-    sees a removed file and locks the new one)."""
-    import filelock
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_name(f".{out.name}.lock")
-    held = filelock.FileLock(path, timeout=0)
-    try:
-        held.acquire()
-    except filelock.Timeout:
-        try:
-            owner = path.read_text().strip() or "another process"
-        except OSError:
-            owner = "another process"
+def check_partial(out: Path) -> None:
+    """Refuse an `OUT.partial` that is not a run's state as this tool writes it (a user's own
+    folder of that name, or one holding links): training would write into it and, at the
+    end, delete it."""
+    partial = partial_dir(out)
+    if not partial.exists() and not partial.is_symlink():
+        return
+    if partial.is_symlink() or not partial.is_dir():
         raise CnnmnistError(
-            f"{out}: another `cnnmnist train` (pid {owner}) is writing here; "
-            "wait for it to finish or choose another --out"
-        ) from None
-    try:
-        path.write_text(str(os.getpid()))  # the lock is advisory: this handle may write
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        held.release()
+            f"{partial}: is not a folder this tool made (a link or a file); cnnmnist keeps "
+            f"the state of a run writing {out} there: move it away, or choose another --out"
+        )
+    others = [
+        p.name
+        for p in sorted(partial.iterdir())
+        if p.is_symlink()
+        or not p.is_file()
+        or not (p.name in (STATE, STATE + ".tmp") or MODEL_FILE.fullmatch(p.name))
+    ]
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise CnnmnistError(
+            f"{partial}: not an interrupted cnnmnist run (it holds {shown}); cnnmnist keeps "
+            f"the state of a run writing {out} there: move it away, or choose another --out"
+        )
 
 
 def seed_states(model) -> list:
@@ -78,7 +77,15 @@ def save(
     directory = partial_dir(out)
     directory.mkdir(parents=True, exist_ok=True)
     weights = f"epoch-{epoch}.keras"
-    model.save(directory / weights)
+    path = directory / weights
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # never written through: a link planted there would lead elsewhere
+    try:
+        model.save(path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a full disk leaves no half-written file filling it further
+        raise
     state = {
         "format_version": FORMAT_VERSION,
         "epoch": epoch,
@@ -89,9 +96,7 @@ def save(
         "options": options,
     }
     tmp = directory / f"{STATE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    with open(tmp) as f:
-        os.fsync(f.fileno())
+    files.write_new(tmp, json.dumps(state, indent=1).encode())
     os.replace(tmp, directory / STATE)  # the switch to the new epoch is this one rename
     for old in directory.glob("epoch-*.keras"):
         if old.name != weights:
@@ -104,9 +109,9 @@ def load_state(out: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CnnmnistError(f"{path}: corrupted resume state ({e}); delete {path.parent}") from None
+        state = files.read_json(path, "resume state")
+    except CnnmnistError as e:
+        raise CnnmnistError(f"{e}; delete {path.parent}") from None
     bad = schema.mismatch(state, schema.STATE)
     if not bad and not MODEL_FILE.fullmatch(state["model"]):
         bad = "model"  # a file name inside OUT.partial/, never a path elsewhere
@@ -127,11 +132,9 @@ def load_state(out: Path) -> dict[str, Any] | None:
 
 def restore(out: Path, state: dict[str, Any]):
     """The model (weights, optimizer, dropout RNG) as it was at the end of the recorded epoch."""
-    from cnnmnist.model import load
-
     path = partial_dir(out) / state["model"]
     try:
-        model = load(path)
+        model = keras.saving.load_model(path)
     except Exception as e:  # noqa: BLE001 - Keras raises many kinds for a damaged file
         raise CnnmnistError(f"{path}: cannot load the saved training state: {e}") from None
     variables = seed_states(model)

@@ -10,11 +10,14 @@ TensorBoard) are driven by it. Its batches come from `pipeline`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from cnnmnist import pipeline
+from cnnmnist.training import pipeline
 
 # Training steps per tf.function call (Keras calls it steps_per_execution): fewer Python
 # round trips than one step per call, while Ctrl-C, the divergence check and the progress
@@ -25,8 +28,6 @@ CHUNK = 50
 def _totals(per_example, logits, labels, weights=None):
     """[sum of losses, correct predictions, examples] of one replica's batch, each example
     counted with its weight (1 unless given)."""
-    import tensorflow as tf
-
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
     if weights is None:
         weights = tf.ones_like(correct)
@@ -43,8 +44,6 @@ def _totals(per_example, logits, labels, weights=None):
 def smoothed(cross_entropy, logits, smoothing: float):
     """Cross-entropy against the target (1 - e) * one-hot + e / K, from the plain one:
     (1 - e) * CE + e * mean over the K classes of -log p."""
-    import tensorflow as tf
-
     if not smoothing:
         return cross_entropy
     uniform = -tf.reduce_mean(tf.nn.log_softmax(logits), axis=-1)
@@ -55,22 +54,16 @@ class Evaluation:
     """(mean cross-entropy, accuracy) of a model on labelled images, under a strategy."""
 
     def __init__(self, net, strategy) -> None:
-        import tensorflow as tf
-
         self.net, self.strategy = net, strategy
         self._run = tf.function(self._run_all)  # traced once, reused every epoch
 
     def _step(self, batch):
-        import keras
-
         x, y, weights = batch
         logits = self.net(x, training=False)
         per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
         return _totals(per_example, logits, y, weights)
 
     def _run_all(self, iterator):
-        import tensorflow as tf
-
         total = tf.zeros([3])
         for batch in iterator:
             per_replica = self.strategy.run(self._step, args=(batch,))
@@ -87,9 +80,9 @@ class Evaluation:
 
 
 class Loop:
-    """Trains a compiled Keras model under a strategy, `chunk` steps per tf.function call;
-    from epoch `clean_from` on (if given), through `clean`: the same layers without the
-    augmentation (`model.without_augmentation`)."""
+    """Trains a compiled Keras model under a strategy, `chunk` steps per tf.function call.
+    `clean`: (the same layers without the augmentation, `model.without_augmentation`; the
+    epoch from which training goes through them), or None."""
 
     def __init__(
         self,
@@ -98,34 +91,26 @@ class Loop:
         global_batch: int,
         chunk: int = CHUNK,
         label_smoothing: float = 0.0,
-        clean=None,
-        clean_from: int | None = None,
+        clean: tuple[Any, int] | None = None,
     ) -> None:
         self.net, self.strategy, self.global_batch, self.chunk = net, strategy, global_batch, chunk
         self.label_smoothing = label_smoothing
         with strategy.scope():
             net.optimizer.build(net.trainable_variables)  # slots exist before the first step
         self._chunk = self._compiled(net)
-        self._clean_chunk = self._compiled(clean) if clean is not None else None
-        self.clean_from = clean_from
+        self._clean_chunk = self._compiled(clean[0]) if clean is not None else None
+        self.clean_from = clean[1] if clean is not None else None
         self.evaluate = Evaluation(net, strategy)
 
     def _compiled(self, forward):
         """CHUNK steps of training through `forward` (the model or its clean twin), one
         tf.function call."""
-        import functools
-
-        import tensorflow as tf
-
         step = functools.partial(self._step, forward)
         if self.net.jit_compile:  # Keras decided (XLA on GPUs, never on CPUs), as fit would
             step = tf.function(step, jit_compile=True, reduce_retracing=True)
         return tf.function(functools.partial(self._run_chunk, step))
 
     def _step(self, forward, batch):
-        import keras
-        import tensorflow as tf
-
         x, y = batch
         net = self.net
         with tf.GradientTape() as tape:
@@ -142,8 +127,6 @@ class Loop:
         return _totals(per_example, logits, y)
 
     def _run_chunk(self, step, iterator, steps):
-        import tensorflow as tf
-
         total = tf.zeros([3])
         for _ in tf.range(steps):
             per_replica = self.strategy.run(step, args=(next(iterator),))
@@ -163,9 +146,6 @@ class Loop:
         to Keras `callbacks` (and the validation arrays' loss and accuracy after each epoch).
         Once a callback sets `net.stop_training`, the epoch ends at the next chunk boundary
         and training stops."""
-        import keras
-        import tensorflow as tf
-
         net, strategy = self.net, self.strategy
         steps = pipeline.steps_per_epoch(
             len(images), self.global_batch, strategy.num_replicas_in_sync

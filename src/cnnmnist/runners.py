@@ -1,11 +1,13 @@
-"""Running a checkpoint: its SavedModel signature, or its TFLite copy when that is present and
-verified, in batches. `predict`, `evaluate` and the check of a new TFLite copy all run here."""
+"""Running a checkpoint on 28x28 pixels: its TFLite copy (LiteRT, no TensorFlow) when that is
+the one recorded and it loads, else its SavedModel signature; in batches. `predict`,
+`evaluate`, `explain`, `serve` and the export's cross-check all run models here."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -13,6 +15,14 @@ from cnnmnist.checkpoint import SIGNATURE, TFLITE, Checkpoint, file_sha256
 from cnnmnist.errors import CheckpointError
 
 BATCH = 1000  # images per call: one call on 10,000 images would hold ~1 GB of activations
+
+
+class Runner(Protocol):
+    """A way to run a checkpoint: `name` ("tflite" or "savedmodel") and its probabilities."""
+
+    name: str
+
+    def probabilities(self, pixels, batch_size: int = BATCH) -> np.ndarray: ...
 
 
 def batched(call: Callable[[np.ndarray], np.ndarray], pixels, batch_size: int = BATCH):
@@ -53,6 +63,7 @@ class TFLite:
     name = "tflite"
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
+        self.path = Path(path)
         self._runner = interpreter(path, threads).get_signature_runner(SIGNATURE)
 
     def probabilities(self, pixels, batch_size: int = BATCH) -> np.ndarray:
@@ -60,31 +71,45 @@ class TFLite:
         return batched(lambda x: self._runner(pixels=x)["probabilities"], pixels, batch_size)
 
 
-def interpreter(path: Path, threads: int | None = None):
-    """A TFLite interpreter for the file: LiteRT's, or TensorFlow's where LiteRT is missing."""
+def interpreter(path: Path, threads: int | None = None, preserve: bool = False):
+    """A TFLite interpreter for the file: LiteRT's, or TensorFlow's where LiteRT is missing.
+    `preserve`: keep every intermediate tensor readable (the feature maps of `explain`)."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         import tensorflow as tf
 
         Interpreter = tf.lite.Interpreter  # noqa: N806 - same API, deprecated in TF
-    return Interpreter(model_path=str(path), num_threads=threads or os.cpu_count())
+    return Interpreter(
+        model_path=str(path),
+        num_threads=threads or os.cpu_count(),
+        experimental_preserve_all_tensors=preserve,
+    )
 
 
-def engine(ckpt: Checkpoint, warn: Callable[[str], None] = lambda message: None):
-    """The fastest trustworthy way to run `ckpt`: its TFLite copy when present, matching the
-    checksum recorded when it was written, and loadable; the SavedModel otherwise."""
-    fast = ckpt.path / TFLITE
-    if fast.is_file():
-        recorded = (ckpt.metadata.get("fast_path") or {}).get("sha256")
-        if recorded and file_sha256(fast) != recorded:
-            warn(
-                f"{fast}: does not match the checksum recorded when it was written (damaged "
-                "or replaced); using the SavedModel instead"
-            )
-        else:
-            try:
-                return TFLite(fast)
-            except (ValueError, RuntimeError):
-                warn(f"{fast}: cannot be loaded; using the SavedModel instead")
+def load(
+    ckpt: Checkpoint, warn: Callable[[str], None] = lambda message: None, fast: bool = True
+) -> Runner:
+    """The fastest trustworthy way to run `ckpt`: with `fast`, its TFLite copy when the
+    metadata records that file and its checksum, the file matches it, and it loads; the
+    SavedModel (the authority) otherwise."""
+    copy = ckpt.path / TFLITE
+    if not fast or not copy.is_file():
+        return SavedModel(ckpt.path)
+    recorded = ckpt.metadata.get("fast_path") or {}
+    if recorded.get("file") != TFLITE or not recorded.get("sha256"):
+        warn(
+            f"{copy}: the checkpoint's metadata does not record it (it was not written with "
+            "this checkpoint); using the SavedModel instead"
+        )
+    elif file_sha256(copy) != recorded["sha256"]:
+        warn(
+            f"{copy}: does not match the checksum recorded when it was written (damaged "
+            "or replaced); using the SavedModel instead"
+        )
+    else:
+        try:
+            return TFLite(copy)
+        except (ValueError, RuntimeError):
+            warn(f"{copy}: cannot be loaded; using the SavedModel instead")
     return SavedModel(ckpt.path)
