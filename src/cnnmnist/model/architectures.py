@@ -10,7 +10,14 @@ import keras
 from keras import layers
 
 from cnnmnist.errors import UsageError
-from cnnmnist.model.layers import AUGMENTATION, INPUT_SHAPE, Marks, Stretch, UserLike
+from cnnmnist.model.layers import (
+    AUGMENTATION,
+    INPUT_SHAPE,
+    FusedBatchNorm,
+    Marks,
+    Stretch,
+    UserLike,
+)
 
 NUM_CLASSES = 10
 
@@ -103,7 +110,7 @@ def _mlp(x):
 def _conv_bn(x, filters: int, name: str, strides: int = 1):
     """Conv 3x3 SAME without bias, batch norm, ReLU (the `best` building block)."""
     x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = FusedBatchNorm(name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
@@ -113,7 +120,7 @@ def _strided_stem(x, momentum: float = 0.99):
     as much as the next layer (oneDNN works poorly on one input channel); the strided layer
     reads as well."""
     x = layers.Conv2D(32, 5, strides=2, padding="same", use_bias=False, name="conv1")(x)
-    x = layers.BatchNormalization(momentum=momentum, name="conv1_bn")(x)
+    x = FusedBatchNorm(momentum=momentum, name="conv1_bn")(x)
     return layers.Activation("relu", name="conv1_relu")(x)
 
 
@@ -121,7 +128,7 @@ def _dense_bn(x, units: int, momentum: float = 0.99):
     """Dense without bias, batch norm, ReLU. Batch norm statistics need a few times
     1 / (1 - momentum) steps to settle: a run of a few hundred steps needs 0.9."""
     x = layers.Dense(units, use_bias=False, name="dense")(x)
-    x = layers.BatchNormalization(momentum=momentum, name="dense_bn")(x)
+    x = FusedBatchNorm(momentum=momentum, name="dense_bn")(x)
     return layers.Activation("relu", name="dense_relu")(x)
 
 
@@ -162,7 +169,7 @@ def _fast(x):
     x = _strided_stem(x, momentum=0.9)
     x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="conv2")(x)
     x = layers.MaxPooling2D(2, name="conv2_pool")(x)
-    x = layers.BatchNormalization(momentum=0.9, name="conv2_bn")(x)
+    x = FusedBatchNorm(momentum=0.9, name="conv2_bn")(x)
     x = layers.Activation("relu", name="conv2_relu")(x)
     x = layers.Flatten(name="flatten")(x)
     return _dense_bn(x, 128, momentum=0.9)
