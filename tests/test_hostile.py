@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -161,9 +162,131 @@ CASES = [
         "x_train declares uint8[4000000, 28, 28]",
     ),
     ("npy renamed to npz", ["data", "--data-dir", "npy", "--json"], 1, "not a valid npz file"),
+    # Nothing lost: output paths.
+    (
+        "a user's folder named OUT.partial",
+        ["train", "--epochs", "1", "--train-size", "500", "--out", "thesis"],
+        1,
+        "thesis.partial: not an interrupted cnnmnist run (it holds ch1.tex)",
+    ),
+    (
+        "a user's folder named OUT.partial, with --force",
+        ["train", "--epochs", "1", "--train-size", "500", "--out", "thesis", "--force"],
+        1,
+        "thesis.partial: not an interrupted cnnmnist run (it holds ch1.tex)",
+    ),
+    (
+        "force on a folder that only looks like a checkpoint",
+        ["train", "--epochs", "1", "--out", "lookalike", "--force"],
+        1,
+        "lookalike: not a cnnmnist checkpoint (it holds assets/",
+    ),
+    (
+        "force on a folder with a checkpoint's names but not its metadata",
+        ["train", "--epochs", "1", "--out", "namesake", "--force"],
+        1,
+        "namesake: not a cnnmnist checkpoint (corrupted metadata",
+    ),
+    (
+        "a link planted in OUT.partial",
+        ["train", "--epochs", "1", "--train-size", "500", "--out", "sl"],
+        1,
+        "sl.partial: not an interrupted cnnmnist run (it holds state.json.tmp)",
+    ),
+    (
+        "a link planted as the lock file",
+        ["train", "--epochs", "1", "--train-size", "500", "--out", "locked"],
+        1,
+        ".locked.lock: is not a lock file this tool made",
+    ),
+    (
+        "plot onto the checkpoint's metadata",
+        ["inspect", "ckpt", "--plot", "ckpt/cnnmnist.json"],
+        2,
+        "cannot write .json; give a name ending in .png, .svg, .pdf",
+    ),
+    (
+        "plot into the checkpoint",
+        ["inspect", "ckpt", "--plot", "ckpt/curves.png"],
+        1,
+        "inside the checkpoint ckpt",
+    ),
+    (
+        "errors picture onto a document",
+        ["evaluate", "ckpt", "--errors", "thesis.docx"],
+        2,
+        "cannot write .docx; give a name ending in .png",
+    ),
+    (
+        "plot as JPEG bytes into a .jpg",
+        ["evaluate", "ckpt", "--plot", "x.jpg"],
+        2,
+        "cannot write .jpg",
+    ),
+    (
+        "plot into a folder that does not exist",
+        ["inspect", "ckpt", "--plot", "no/such/dir/x.png"],
+        1,
+        "the folder no/such/dir does not exist",
+    ),
+    (
+        "predict --show onto an input",
+        ["predict", "--model", "ckpt", "--show", "seven.png", "seven.png"],
+        2,
+        "seven.png exists; --show writes a new file",
+    ),
+    (
+        "an --out too long for its temporary names",
+        ["train", "--epochs", "1", "--out", "c" * 240],
+        2,
+        "its name is 240 bytes long",
+    ),
+    # Bounded reads and clear messages.
+    ("huge metadata", ["inspect", "bigmeta"], 1, "corrupted metadata (larger than 16 MiB)"),
+    (
+        "deeply nested metadata",
+        ["inspect", "deepmeta"],
+        1,
+        "corrupted metadata (nested too deeply)",
+    ),
+    (
+        "deeply nested resume state",
+        ["train", "--resume", "--out", "deepstate"],
+        1,
+        "corrupted resume state (nested too deeply)",
+    ),
+    ("deeply nested run file", ["train", "--config", "deep.toml"], 2, "nested too deeply"),
+    (
+        "a batch of a trillion images",
+        ["evaluate", "ckpt", "--batch-size", "1000000000000"],
+        2,
+        "1000000000000 is not in the range",
+    ),
+    (
+        "a preset name of 100 kB",  # as long as one argument may be
+        ["train", "--preset", "p" * 100_000, "--out", "new"],
+        2,
+        "unknown preset 'ppppppppppppppppppppppppppppppppppppp...'",
+    ),
+    ("a model name of dots", ["serve", "ckpt", "--model-name", ".."], 2, "starting with a letter"),
+    ("an empty host", ["serve", "ckpt", "--host", ""], 2, "give an address to listen on"),
 ]
 PREPARE = {
     "seed in a run file": bad_toml,
+    "a user's folder named OUT.partial": lambda place: _thesis(place),
+    "a user's folder named OUT.partial, with --force": lambda place: _thesis(place),
+    "force on a folder that only looks like a checkpoint": lambda place: _lookalike(place),
+    "force on a folder with a checkpoint's names but not its metadata": lambda place: _namesake(
+        place
+    ),
+    "a link planted in OUT.partial": lambda place: _planted(place, "sl.partial/state.json.tmp"),
+    "a link planted as the lock file": lambda place: _planted(place, ".locked.lock"),
+    "huge metadata": lambda place: _metadata(place, "bigmeta", None),
+    "deeply nested metadata": lambda place: _metadata(place, "deepmeta", "[" * 100_000),
+    "deeply nested resume state": lambda place: _deep(place / "deepstate.partial" / "state.json"),
+    "deeply nested run file": lambda place: (place / "deep.toml").write_text(
+        "x = " + "[" * 5000 + "]" * 5000 + "\n"
+    ),
     "predict a file of 3 GB": lambda place: _sparse(place / "huge.png", 3 * 2**30),
     "predict a LAB TIFF among good files": lambda place: Image.new("LAB", (40, 40)).save(
         place / "lab.tif"
@@ -171,6 +294,48 @@ PREPARE = {
     "npz that declares gigabytes": lambda place: _npz_bomb(place / "bomb" / "mnist.npz"),
     "npy renamed to npz": lambda place: _npy_as_npz(place / "npy" / "mnist.npz"),
 }
+
+
+def _thesis(place: Path) -> None:
+    (place / "thesis.partial").mkdir()
+    (place / "thesis.partial" / "ch1.tex").write_text("\\chapter{One}\n")
+
+
+def _lookalike(place: Path) -> None:
+    """A user's folder holding a checkpoint's top-level names: {} as cnnmnist.json, a photo
+    in assets/, an empty variables/."""
+    folder = place / "lookalike"
+    (folder / "assets").mkdir(parents=True)
+    (folder / "variables").mkdir()
+    (folder / "cnnmnist.json").write_text("{}")
+    (folder / "assets" / "photo.jpg").write_bytes(os.urandom(100))
+
+
+def _namesake(place: Path) -> None:
+    folder = place / "namesake"
+    folder.mkdir()
+    (folder / "cnnmnist.json").write_text("{}")
+    (folder / "saved_model.pb").write_bytes(b"not a model")
+
+
+def _planted(place: Path, link: str) -> None:
+    """A link where training writes, leading to a file of the user's (the decoy)."""
+    (place / "decoy").write_text("a user's file the link leads to\n")
+    (place / link).parent.mkdir(parents=True, exist_ok=True)
+    (place / link).symlink_to(place / "decoy")
+
+
+def _metadata(place: Path, name: str, content: str | None) -> None:
+    shutil.copytree(place / "ckpt", place / name)
+    if content is None:
+        _sparse(place / name / "cnnmnist.json", 2**30)
+    else:
+        (place / name / "cnnmnist.json").write_text(content)
+
+
+def _deep(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_text("[" * 100_000)
 
 
 def _sparse(path: Path, size: int) -> None:
@@ -473,3 +638,169 @@ def test_permission_errors_are_one_line(args, place, monkeypatch):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output
     assert "Permission denied" in result.output and "Traceback" not in result.output
+
+
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from cnnmnist import files
+tmp, out = Path(sys.argv[1]), Path(sys.argv[2])
+files._exchange = lambda a, b: False  # a file system without an atomic swap
+rename = os.rename
+def rename_then_die(a, b):
+    rename(a, b)
+    if Path(b).name.startswith("." + out.name + ".old-"):
+        os.kill(os.getpid(), signal.SIGKILL)  # between the two renames
+os.rename = rename_then_die
+files.swap_in(tmp, out)
+"""
+
+
+def test_a_writer_killed_between_its_renames_loses_no_checkpoint(place):
+    """The window a kill -9 could hit where the file system has no atomic swap: the old
+    checkpoint moved aside, the new one not yet in place. Every reader puts it back."""
+    new = place / ".ckpt.tmp-1-new"
+    shutil.copytree(place / "ckpt", new)
+    before = tree_hashes(place / "ckpt")
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_BETWEEN_RENAMES, str(new), str(place / "ckpt")],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == -signal.SIGKILL
+    assert not (place / "ckpt").exists()  # the window itself: nothing at OUT
+    result = CliRunner().invoke(cli, ["inspect", str(place / "ckpt"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert tree_hashes(place / "ckpt") == before  # the good one, back in place
+    assert not [p for p in place.iterdir() if p.name.startswith(".ckpt.old-")]
+
+
+def test_escape_sequences_in_names_and_metadata_reach_no_terminal(place):
+    meta = json.loads((place / "ckpt" / "cnnmnist.json").read_text())
+    meta["preset"] = "\u001b[2J\u001b[31mEVIL\u0007"
+    (place / "ckpt" / "cnnmnist.json").write_text(json.dumps(meta))
+    shown = CliRunner().invoke(cli, ["inspect", str(place / "ckpt")])
+    assert shown.exit_code == 0, shown.output
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "\\x1b[2J\\x1b[31mEVIL\\x07" in shown.stdout  # shown, escaped
+    evil = place / "\u001b[31mred[bold]x.png"
+    shutil.copy(place / "seven.png", evil)
+    result = CliRunner().invoke(cli, ["predict", "--model", str(place / "ckpt"), str(evil)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\\x1b[31mred[bold]x.png" in result.stdout
+
+
+def test_a_tflite_copy_the_metadata_does_not_record_is_not_run(place):
+    meta = json.loads((place / "ckpt" / "cnnmnist.json").read_text())
+    meta["fast_path"] = {"file": None, "reason": "conversion failed"}
+    (place / "ckpt" / "cnnmnist.json").write_text(json.dumps(meta))
+    result = CliRunner().invoke(
+        cli, ["predict", "--model", str(place / "ckpt"), str(place / "seven.png"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "does not record it" in result.stderr
+    assert json.loads(result.stdout)[0]["engine"] == "savedmodel"
+
+
+def test_a_users_keras_json_does_not_change_training(tmp_path, mnist_dir):
+    keras_home = tmp_path / "keras"
+    keras_home.mkdir()
+    (keras_home / "keras.json").write_text(json.dumps({"floatx": "float16", "epsilon": 0.1}))
+    out = tmp_path / "ckpt"
+    done = subprocess.run(
+        [sys.executable, "-m", "cnnmnist", "train", "--epochs", "1", "--train-size", "500"]
+        + ["--validation-size", "0", "--out", str(out), "--json"],
+        env={**os.environ, "KERAS_HOME": str(keras_home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, keras, cnnmnist.model\n"
+            "net = keras.saving.load_model(sys.argv[1])\n"
+            "print(net.optimizer.learning_rate.dtype, float(net.optimizer.learning_rate),"
+            " {w.dtype for w in net.weights})",
+            str(out / "model.keras"),
+        ],
+        env={**os.environ, "KERAS_HOME": str(tmp_path / "plain")},  # read without it
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    dtype, rate = check.stdout.split()[:2]
+    assert dtype == "float32" and abs(float(rate) - 1e-3) < 1e-9, check.stdout + check.stderr
+    assert "float16" not in check.stdout
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("TF_CONFIG", "[" * 100_000, "TF_CONFIG is not a valid cluster description"),
+        ("CNNMNIST_DATA_DIR", "afile", "names a file, not a folder"),
+    ],
+)
+def test_hostile_environment_is_one_line(variable, value, message, place):
+    env = {**os.environ, variable: value, "XDG_CACHE_HOME": str(place / "cache")}
+    env["KERAS_HOME"] = str(place / "keras")
+    args = ["train", "--out", "new", "--epochs", "1"]
+    if variable == "TF_CONFIG":
+        args += ["--strategy", "multi-worker"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cnnmnist", *args],
+        cwd=place,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode in (1, 2) and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert (place / "afile").read_text() == "a user's file\n"
+
+
+def test_closed_streams_and_a_narrow_encoding(place):
+    def run(*args, **kw):
+        return subprocess.run(
+            [sys.executable, "-m", "cnnmnist", *args],
+            cwd=place,
+            capture_output=kw.pop("capture", True),
+            text=True,
+            timeout=120,
+            **kw,
+        )
+
+    closed_stdin = run("predict", "--model", "ckpt", "-", preexec_fn=lambda: os.close(0))
+    assert closed_stdin.returncode == 1 and "standard input is closed" in closed_stdin.stderr
+    shutil.copy(place / "seven.png", place / "sieben-\u00fc\u00df.png")
+    ascii_only = run(
+        "predict", "--model", "ckpt", "sieben-\u00fc\u00df.png",
+        env={**os.environ, "PYTHONIOENCODING": "ascii"},
+    )  # fmt: skip
+    assert ascii_only.returncode == 0 and "Traceback" not in ascii_only.stderr
+    assert "sieben-\\xfc\\xdf.png" in ascii_only.stdout
+    closed_stdout = subprocess.run(
+        [sys.executable, "-m", "cnnmnist", "predict", "--model", "ckpt", "seven.png"],
+        cwd=place,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert closed_stdout.returncode == 2 and "standard output is closed" in closed_stdout.stderr
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    from cnnmnist import data
+    from cnnmnist.errors import DataError
+
+    def offline(dataset, target):
+        raise DataError("no network")
+
+    monkeypatch.setattr(data, "_download_into", offline)
+    with pytest.raises(DataError):
+        data.download("mnist", tmp_path / "a" / "b" / "c")
+    assert list(tmp_path.iterdir()) == []
