@@ -110,7 +110,7 @@ def main() -> None:
         "ratio_of_medians": {
             name: round(v / median["plain_keras_float32"], 3) for name, v in median.items()
         },
-        "goals": {"cnnmnist_float32": 1.25, "cnnmnist_bfloat16": 2.0},
+        "targets": {"cnnmnist_float32": 1.25, "cnnmnist_bfloat16": 2.0},
         "command": " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]),
         "machine": {
             "python": platform.python_version(),

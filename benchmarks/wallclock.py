@@ -1,9 +1,10 @@
 """Whole-process wall time and peak memory of `cnnmnist` as a user runs it.
 
-Goals: `cnnmnist train --preset fast` reaches 99.0% test accuracy in at most 30 s, start to
-exit, for each of 3 seeds, and in less time than the plain-Keras script a user would write
-needs for one epoch of the book's model (benchmarks/plain_keras.py: import, one epoch, test
-evaluation, save), the two run alternately, the ratio per precision path; a full `seed` run
+Targets: `cnnmnist train --preset fast` reaches 99.0% test accuracy in at most 30 s, start to
+exit, for each of 3 seeds, and in at most 0.7 of the time the plain-Keras script a user
+would write needs for one epoch of the book's model (benchmarks/plain_keras.py: import, one
+epoch, test evaluation, save), the two run alternately, the ratio per precision path; a full
+`seed` run
 peaks under 1.5 GB; `cnnmnist --help` takes at most 0.3 s, and so does `cnnmnist predict` of
 one image with the last fast run's checkpoint (beside the bare interpreter importing numpy).
 
@@ -32,6 +33,9 @@ from timing import timed, timed_train
 from cnnmnist.hardware import NATIVE_BF16, cpu_flags, onednn_cap, resolve_precision
 
 RESULTS = Path(__file__).parent / "results" / "wallclock.json"
+# `fast`, whole process, in at most this share of the plain-Keras script's time for one epoch
+# of the book's model: with that margin it stays ahead on the slowest CPU measured.
+TARGET_RATIO = 0.7
 TINY = ["--epochs", "1", "--train-size", "1024", "--validation-size", "500"]
 
 
@@ -106,7 +110,7 @@ def predict_one_image(ckpt: Path, data_dir: Path | None, scratch: Path, runs: in
             "runs": floor,
             "median": statistics.median(floor),
         },
-        "goal_seconds": 0.3,
+        "target_seconds": 0.3,
     }
 
 
@@ -179,17 +183,18 @@ def main() -> None:
         "runs": fast,
         "plain_keras_one_epoch": keras_runs,
         "ratio_to_plain_keras_one_epoch": round(ratio, 3),
-        "goal": {"test_accuracy": 0.99, "seconds": 30, "ratio": 1.0},
-        "met": all(r["test_accuracy"] >= 0.99 and r["seconds"] <= 30 for r in fast)
-        and ratio <= 1.0,
-        # The goal that holds on every CPU: seconds vary from machine to machine.
-        "ratio_goal_met": all(r["test_accuracy"] >= 0.99 for r in fast) and ratio <= 1.0,
+        "target": {"test_accuracy": 0.99, "seconds": 30, "ratio": TARGET_RATIO},
+        "within_target": all(r["test_accuracy"] >= 0.99 and r["seconds"] <= 30 for r in fast)
+        and ratio <= TARGET_RATIO,
+        # The target that holds on every CPU: seconds vary from machine to machine.
+        "ratio_within_target": all(r["test_accuracy"] >= 0.99 for r in fast)
+        and ratio <= TARGET_RATIO,
     }
     by_path = dict(previous.get("fast_by_precision_path", {}), **{path: fast_record})
     result = {
         "tiny": args.tiny,
         "fast_by_precision_path": by_path,
-        "seed_run": seed_run and {**seed_run, "goal_peak_rss_mb": 1536},
+        "seed_run": seed_run and {**seed_run, "target_peak_rss_mb": 1536},
         "help_seconds": {"runs": help_seconds, "median": statistics.median(help_seconds)},
         "predict_one_image": predict,
         "machine": {"python": platform.python_version(), "processor": platform.processor()},

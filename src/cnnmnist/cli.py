@@ -147,6 +147,15 @@ checkpoint_argument = click.argument(
     required=False,
     shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
 )
+model_option = click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    default=Path("ckpt"),
+    show_default=True,
+    shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
+    help="Checkpoint directory.",
+)
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
 )
@@ -179,7 +188,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot show: escaped
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    if ctx.invoked_subcommand in WRITES_RESULTS and not _writable(sys.stdout):
+    if ctx.invoked_subcommand in WRITES_RESULTS and not _is_open(sys.stdout):
         raise click.UsageError(
             "standard output is closed: the results would be lost. Run the command with "
             "stdout open (or redirected to a file)"
@@ -192,7 +201,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
         filter_native_stderr()
 
 
-def _writable(stream) -> bool:
+def _is_open(stream) -> bool:
     """Whether a standard stream is open (a closed descriptor leaves Python with None)."""
     if stream is None:
         return False
@@ -616,15 +625,7 @@ def inspect(ckpt, plot, filters, as_json) -> None:
     "  cat digit.jpg | cnnmnist predict - --json",
 )
 @click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(path_type=Path),
-    default=Path("ckpt"),
-    show_default=True,
-    shell_complete=lambda ctx, param, incomplete: [CompletionItem(incomplete, type="dir")],
-    help="Checkpoint directory.",
-)
+@model_option
 @click.option(
     "--top-k",
     type=click.IntRange(1, 10),
@@ -655,7 +656,6 @@ def predict(inputs, model_dir, top_k, show, as_json) -> None:
     subfolders; hidden files and folders are skipped.
     """
     from cnnmnist import predict as prediction
-    from cnnmnist.preprocess import STDIN, read_bounded
 
     picture = Path(show) if show else None
     if picture is not None:
@@ -665,13 +665,8 @@ def predict(inputs, model_dir, top_k, show, as_json) -> None:
                 param_hint="--show",
             )
         files.output_file(picture, ("png",), "--show")
-    stdin = None
-    if STDIN in inputs:
-        if sys.stdin is None or not _writable_input(sys.stdin):
-            raise CnnmnistError("-: standard input is closed; give image files instead")
-        stdin = read_bounded(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>")
     results = prediction.predict(
-        list(inputs), model_dir, top_k=top_k, stdin=stdin, on_warning=render.warn
+        list(inputs), model_dir, top_k=top_k, stdin=_stdin_if_asked(inputs), on_warning=render.warn
     )
     if as_json:
         render.print_json([{k: v for k, v in r.items() if k != "pixels"} for r in results])
@@ -700,17 +695,15 @@ def _draw_inputs(results: list[dict], picture: Path) -> None:
     )
 
 
-def _writable_input(stream) -> bool:
-    """Whether standard input can be read (a closed descriptor cannot)."""
-    try:
-        os.fstat(stream.fileno())
-        return True
-    except io.UnsupportedOperation:  # in memory, with no descriptor (a test's): open if not closed
-        return not getattr(stream, "closed", False)
-    except (OSError, ValueError):
-        return False
-    except AttributeError:
-        return True  # a test's stream
+def _stdin_if_asked(inputs: tuple[str, ...]) -> bytes | None:
+    """The bytes of standard input when '-' is among the inputs (bounded, as a file is)."""
+    from cnnmnist.preprocess import STDIN, read_bounded
+
+    if STDIN not in inputs:
+        return None
+    if not _is_open(sys.stdin):
+        raise CnnmnistError("-: standard input is closed; give image files instead")
+    return read_bounded(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>")
 
 
 @cli.command(
@@ -720,14 +713,7 @@ def _writable_input(stream) -> bool:
     "# why-seven.png, why-four.png\n  cnnmnist explain digit.png --json > explained.json",
 )
 @click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(path_type=Path),
-    default=Path("ckpt"),
-    show_default=True,
-    help="Checkpoint directory.",
-)
+@model_option
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -751,14 +737,10 @@ def explain(inputs, model_dir, plot, as_json) -> None:
     answer and for the runner-up, measured by painting over each patch of the digit in turn.
     """
     from cnnmnist import explain as explaining
-    from cnnmnist.preprocess import STDIN, read_bounded
 
-    stdin = None
-    if STDIN in inputs:
-        if sys.stdin is None or not _writable_input(sys.stdin):
-            raise CnnmnistError("-: standard input is closed; give image files instead")
-        stdin = read_bounded(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>")
-    results = explaining.explain(list(inputs), model_dir, stdin=stdin, warn=render.warn)
+    results = explaining.explain(
+        list(inputs), model_dir, stdin=_stdin_if_asked(inputs), warn=render.warn
+    )
     if as_json:
         render.print_json([explaining.to_json(r) for r in results])
     else:

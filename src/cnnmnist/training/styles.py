@@ -82,17 +82,22 @@ def with_flagged_ones(
 ) -> tuple[np.ndarray, int]:
     """The images with `share` of the 1s picked (by seed) and flagged where they can be (a
     copy: the arrays given are left alone), and how many were."""
+    rng = np.random.default_rng([seed, 1])  # its own stream: the seed's others stay as they were
+    return _restyled(images, np.flatnonzero(labels == 1), share, flagged_one, rng)
+
+
+def _restyled(images: np.ndarray, among: np.ndarray, share: float, style, rng) -> tuple:
+    """A copy of the images with `share` of those at indices `among` picked (by rng) and
+    redrawn by style(image, rng) where it can (None: left as it is); and how many were."""
     if not share:
         return images, 0
-    rng = np.random.default_rng([seed, 1])  # its own stream: the seed's others stay as they were
-    ones = np.flatnonzero(labels == 1)
-    picked = np.sort(rng.choice(ones, round(len(ones) * share), replace=False))
-    out, flagged = images.copy(), 0
+    picked = np.sort(rng.choice(among, round(len(among) * share), replace=False))
+    out, redrawn = images.copy(), 0
     for i in picked:
-        one = flagged_one(images[i], rng)
-        if one is not None:
-            out[i], flagged = one, flagged + 1
-    return out, flagged
+        styled = style(images[i], rng)
+        if styled is not None:
+            out[i], redrawn = styled, redrawn + 1
+    return out, redrawn
 
 
 def box_scan(image: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
@@ -123,13 +128,5 @@ def with_box_scans(
 ) -> tuple[np.ndarray, int]:
     """The images with `share` of them (picked by seed, any digit) stored as box-normalised
     scans (`box_scan`), a copy; and how many were."""
-    if not share:
-        return images, 0
     rng = np.random.default_rng([seed, 2])  # its own stream, as the flagged ones have theirs
-    picked = np.sort(rng.choice(len(images), round(len(images) * share), replace=False))
-    out, stored = images.copy(), 0
-    for i in picked:
-        scan = box_scan(images[i], rng)
-        if scan is not None:
-            out[i], stored = scan, stored + 1
-    return out, stored
+    return _restyled(images, np.arange(len(images)), share, box_scan, rng)
