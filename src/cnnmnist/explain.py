@@ -27,7 +27,8 @@ from cnnmnist.predict import expand_inputs
 from cnnmnist.preprocess import STDIN, Prepared, has_ink, prepare
 
 PATCH = 5  # pixels on a side of the square painted over when occluding (a stroke's width)
-FOLLOWERS = {"BatchNormalization": "batch norm", "Activation": None}  # parts of a block
+# Parts of a block, by Keras class name (a registered class's package prefix dropped).
+FOLLOWERS = {"BatchNormalization": "batch norm", "FusedBatchNorm": "batch norm", "Activation": None}
 MAX_CONFIG = 4 * 2**20  # bytes of a model.keras's config.json
 
 
@@ -68,7 +69,7 @@ def blocks(config: dict[str, Any]) -> list[Block]:
     """The network's blocks, in order (none for a dense network)."""
     found: list[Block] = []
     for layer in config.get("config", {}).get("layers", []):
-        kind, c = layer.get("class_name"), layer.get("config", {})
+        kind, c = str(layer.get("class_name")).rpartition(">")[2], layer.get("config", {})
         name = c.get("name", "")
         if kind == "Conv2D" or kind.endswith("Pooling2D") and "Global" not in kind:
             conv = kind == "Conv2D"

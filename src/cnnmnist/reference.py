@@ -10,16 +10,20 @@ from cnnmnist.cli import cli
 WIDTH = 100  # the help's width in the reference, whatever the terminal's
 
 
+def _context(command: click.Command, name: str, parent: click.Context | None = None):
+    # The contexts `cnnmnist ... --help` makes, with the group's settings (its -h): Click
+    # caches a command's help option from the first context that asks for it.
+    settings = {**cli.context_settings, "terminal_width": WIDTH, "max_content_width": WIDTH}
+    return click.Context(command, info_name=name, parent=parent, **settings)
+
+
 def _help(command: click.Command, name: str, parent: click.Context | None = None) -> str:
-    ctx = click.Context(
-        command, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH
-    )
-    return command.get_help(ctx)
+    return command.get_help(_context(command, name, parent))
 
 
 def markdown() -> str:
     """docs/cli.md: `cnnmnist --help`, then every command's, each in a section of its own."""
-    root = click.Context(cli, info_name="cnnmnist", terminal_width=WIDTH, max_content_width=WIDTH)
+    root = _context(cli, "cnnmnist")
     parts = [
         "# Command-line reference",
         "",

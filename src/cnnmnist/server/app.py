@@ -1,6 +1,7 @@
-"""The HTTP application (Starlette): TensorFlow Serving's REST API, POST /predict for image files,
-and the draw-a-digit page; each request's body bounded in size and time, and refused when a
-web page on another site sends it (see `guard`)."""
+"""The HTTP application (Starlette): TensorFlow Serving's REST API over the model's versions,
+POST /predict and /explain for image files, the draw-a-digit page, the metrics, a cloud
+platform's routes; each request's body bounded in size and time, every request counted
+(`observe`) and refused when a web page on another site sends it (`guard`)."""
 
 from __future__ import annotations
 
