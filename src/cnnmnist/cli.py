@@ -127,6 +127,19 @@ def _picture(formats: tuple[str, ...]):
 
 
 PICTURES = ("png", "svg", "pdf")
+
+
+def picture_option(*names: str, help: str, formats: tuple[str, ...] = PICTURES):
+    """An option naming a picture to draw, its path checked before any work."""
+    return click.option(
+        *names,
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        callback=_picture(formats),
+        help=help,
+    )
+
+
 dataset_option = click.option(
     "--dataset",
     type=click.Choice(presets.DATASETS),
@@ -486,19 +499,14 @@ def data_cmd(dataset, data_dir, as_json) -> None:
     show_default=True,
     help="Images per model call (memory grows with it).",
 )
-@click.option(
+@picture_option(
     "--errors",
     "errors_png",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    callback=_picture(("png",)),
+    formats=("png",),
     help="Also draw the most confident mistakes into this PNG.",
 )
-@click.option(
+@picture_option(
     "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    callback=_picture(PICTURES),
     help="Also draw the confusion matrix into this picture (.png, .svg or .pdf). Needs "
     "matplotlib: pip install 'cnnmnist[plot]'.",
 )
@@ -574,19 +582,13 @@ def _refuse_mixed(ctx: click.Context, images_dir, corruptions: bool, pictures: b
     "--filters kernels.png\n  cnnmnist inspect ckpt --json",
 )
 @checkpoint_argument
-@click.option(
+@picture_option(
     "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    callback=_picture(PICTURES),
     help="Also draw the learning curves (loss and accuracy per epoch, the test result "
     "marked) into this picture. Needs matplotlib: pip install 'cnnmnist[plot]'.",
 )
-@click.option(
+@picture_option(
     "--filters",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    callback=_picture(PICTURES),
     help="Also draw the kernels of the first convolution (and the next ones, summarised) "
     "into this picture. Needs matplotlib.",
 )
@@ -714,11 +716,8 @@ def _stdin_if_asked(inputs: tuple[str, ...]) -> bytes | None:
 )
 @click.argument("inputs", nargs=-1, required=True)
 @model_option
-@click.option(
+@picture_option(
     "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    callback=_picture(PICTURES),
     help="Also draw each image explained into a picture: this file for one image; for "
     "several, one each, named after the image (PLOT-NAME.png). Needs matplotlib.",
 )
