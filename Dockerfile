@@ -21,6 +21,8 @@ COPY model /model
 # Run as a user without privileges; the checkpoint is read-only to it.
 RUN useradd --create-home cnnmnist
 USER cnnmnist
+# The platform's port when it sets one (AIP_HTTP_PORT: serve then listens on every interface,
+# as a container must); 8501 otherwise. Flags on the command line would win over the variable.
+ENV AIP_HTTP_PORT=8501
 EXPOSE 8501
-# Every interface: the container's port is what the platform publishes.
-CMD ["cnnmnist", "serve", "/model", "--host", "0.0.0.0", "--port", "8501"]
+CMD ["cnnmnist", "serve", "/model"]

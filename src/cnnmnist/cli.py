@@ -150,8 +150,8 @@ data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder with the four IDX files (or mnist.npz). Default: $CNNMNIST_DATA_DIR, then the "
-    "user cache, downloading there if missing.",
+    help="Folder with the four IDX files (or mnist.npz), downloading there if missing. Default: "
+    "$CNNMNIST_DATA_DIR, then Keras's mnist.npz, Debian's Fashion-MNIST, then the user cache.",
 )
 checkpoint_argument = click.argument(
     "ckpt",
@@ -410,7 +410,12 @@ def train(
         click.echo(render.trained(result.to_json()))
 
 
-@cli.command("presets", short_help="List the presets, or show one in full.")
+@cli.command(
+    "presets",
+    short_help="List the presets, or show one in full.",
+    epilog="Examples:\n\n\b\n  cnnmnist presets\n  cnnmnist presets best\n"
+    "  cnnmnist presets --json",
+)
 @click.argument(
     "name", required=False, shell_complete=lambda ctx, param, incomplete: _preset_names(incomplete)
 )
@@ -428,7 +433,12 @@ def presets_cmd(name, as_json) -> None:
         render.out().print(render.presets_table(chosen, presets.DEFAULT_PRESET))
 
 
-@cli.command("data", short_help="Show where a dataset is and whether its checksums match.")
+@cli.command(
+    "data",
+    short_help="Show where a dataset is and whether its checksums match.",
+    epilog="Examples:\n\n\b\n  cnnmnist data\n  cnnmnist data --dataset fashion-mnist\n"
+    "  cnnmnist data --data-dir ~/datasets/mnist --json",
+)
 @dataset_option
 @data_dir_option
 @json_option
