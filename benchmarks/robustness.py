@@ -456,6 +456,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"`{r['preset']}` seed {r['seed']}", f"{r['mnist_test_accuracy']:.2%}"]
         for part in PARTS:
+            if part not in r["parts"]:  # a row measured before the part existed
+                cells.append("-")
+                continue
             p = r["parts"][part]
             w = p["worst_class"]
             cells.append(f"{p['accuracy_of_all']:.1%} (worst {w['label']}: {w['recall']:.0%})")
