@@ -3,14 +3,9 @@ skipped), and one briefly trained checkpoint."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-# Output read from a pipe keeps a row a line unless $COLUMNS asks otherwise; a terminal that
-# exports its width must not fold the tables the tests read.
-os.environ.pop("COLUMNS", None)
 
 
 def found(name: str) -> Path | str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import unicodedata
 from collections.abc import Iterator
@@ -17,8 +16,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
 
-# Lines written to a pipe or a file are not wrapped unless $COLUMNS asks: a reader (or `grep`)
-# sees one line per row. Rich would otherwise wrap them at 80 columns.
+# Lines written to a pipe or a file are never wrapped: a reader (or `grep`) sees one line per
+# row. Rich would otherwise wrap them at 80 columns.
 PIPED_WIDTH = 4096
 
 
@@ -50,9 +49,7 @@ def _console(stderr: bool) -> Console:
 
     stream = sys.stderr if stderr else sys.stdout
     terminal = bool(getattr(stream, "isatty", lambda: False)())
-    columns = os.environ.get("COLUMNS", "")
-    piped = int(columns) if columns.isdigit() and int(columns) > 0 else PIPED_WIDTH
-    return Console(stderr=stderr, width=None if terminal else piped, highlight=False)
+    return Console(stderr=stderr, width=None if terminal else PIPED_WIDTH, highlight=False)
 
 
 @cache
