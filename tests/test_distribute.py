@@ -235,7 +235,9 @@ def test_two_worker_processes_train_one_checkpoint(tmp_path, single_device):
     assert reports[0]["checkpoint"] == str(out) and reports[1]["checkpoint"] is None
     assert [r["worker"] for r in reports] == [{"index": 0, "of": 2}, {"index": 1, "of": 2}]
     assert sorted(p.name for p in work.iterdir()) == ["ckpt"]  # no lock file left
-    assert list(scratch.iterdir()) == []  # worker 1's scratch checkpoint was removed
+    # Worker 1's scratch checkpoint was removed. (TensorFlow's autograph imports the code it
+    # writes to TMPDIR, so Python may leave its bytecode cache there: not ours to remove.)
+    assert [p for p in scratch.iterdir() if p.name != "__pycache__"] == []
     meta = json.loads((out / "cnnmnist.json").read_text())
     assert meta["distribution"]["workers"] == 2 and meta["distribution"]["replicas"] == 2
 
