@@ -283,16 +283,22 @@ def explain(
 def to_json(result: dict[str, Any]) -> dict[str, Any]:
     """A result as `explain --json` prints it: arrays as lists, the original image left out,
     feature maps rounded (4 decimals), channels last."""
-    out = {k: v for k, v in result.items() if k != "original"}
-    for key in ("input", "saliency", "saliency_runner_up"):
-        if key in out:
-            out[key] = np.round(np.asarray(out[key], np.float64), 4).tolist()
+    out = {k: v for k, v in result.items() if k != "original"} | _pictures(result, 4)
     if "layers" in out:
         out["layers"] = [
             layer | {"maps": np.round(layer["maps"].astype(np.float64), 4).tolist()}
             for layer in out["layers"]
         ]
     return out
+
+
+def _pictures(result: dict[str, Any], decimals: int) -> dict[str, list]:
+    """A result's 28x28 pictures (the input and the evidence maps) as rounded lists."""
+    return {
+        key: np.round(np.asarray(result[key], np.float64), decimals).tolist()
+        for key in ("input", "saliency", "saliency_runner_up")
+        if key in result
+    }
 
 
 def kernels(model_dir: Path) -> list[tuple[str, np.ndarray]]:
@@ -335,8 +341,7 @@ def for_page(result: dict[str, Any], layers: int = 2) -> dict[str, Any]:
     from cnnmnist.plots import mosaic
 
     out = {k: v for k, v in result.items() if k not in ("original", "layers")}
-    for key in ("input", "saliency", "saliency_runner_up"):
-        out[key] = np.round(np.asarray(result[key], np.float64), 3).tolist()
+    out |= _pictures(result, 3)
     out["layers"] = []
     for layer in result["layers"][:layers]:
         tile = np.nan_to_num(mosaic(layer["maps"]), nan=1.0)  # white between the maps
