@@ -299,3 +299,12 @@ def test_the_access_log_is_uvicorns_line_and_off_by_default(serving, trained):
         re.fullmatch(rf'127\.0\.0\.1:\d+ - "GET /v1/models/{NAME} HTTP/1\.1" 200\n', line)
         for line in logged.log
     )
+
+
+def test_the_access_log_escapes_what_a_client_puts_in_the_path(serving, trained):
+    logged = serving(str(trained.checkpoint), "--port", "0", "--access-log")
+    assert logged.request("GET", "/%1b%5b2J%1b%5b31mEVIL")[0] == 404
+    assert logged.stop() == 0
+    time.sleep(0.2)
+    lines = [line for line in logged.log if "EVIL" in line]
+    assert lines and not any("\x1b" in line for line in lines)  # shown, never obeyed

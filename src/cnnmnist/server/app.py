@@ -43,6 +43,14 @@ PAGES = {  # the only files served: the page, read from the package, never paths
 }
 
 
+def log(line: str) -> None:
+    """A line of the server's log, on stderr; escaped, since clients choose some of its text
+    (a request's path in the access log)."""
+    from cnnmnist.render import safe
+
+    print(safe(line), file=sys.stderr, flush=True)
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the application is told by `serve`'s options."""
@@ -55,7 +63,7 @@ class Settings:
     health_route: str | None = None
     predict_route: str | None = None
     poll_seconds: float = POLL_SECONDS
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    log: Callable[[str], None] = log
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -241,7 +249,7 @@ def application(servables: Servables, settings: Settings = Settings(), services=
         exception_handlers={404: _not_found, 405: _not_allowed},
         lifespan=lifespan,
     )
-    observed = observe.Observe(app, metrics, settings.access_log)
+    observed = observe.Observe(app, metrics, settings.access_log, settings.log)
     return Guard(observed, settings.hosts, settings.origins)
 
 

@@ -19,7 +19,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cnnmnist.errors import CnnmnistError, UsageError
-from cnnmnist.server.app import Settings, application
+from cnnmnist.server.app import Settings, application, log
 from cnnmnist.server.servables import Servables
 
 BACKLOG = 2048  # connections the kernel holds before the server accepts them (Uvicorn's)
@@ -246,7 +246,7 @@ def open_server(
     loopback's, plus `allow_hosts`; any at all when it listens on every interface and none
     were given, or one is '*'); the gRPC API beside it when it has a port."""
     address = resolve(host)
-    servables = Servables(ckpt, options.name, warn, log=_log)
+    servables = Servables(ckpt, options.name, warn, log=log)
     hosts: frozenset[str] | None = address.names() | {h.lower() for h in options.allow_hosts}
     if "*" in options.allow_hosts or (address.everywhere and not options.allow_hosts):
         hosts = None
@@ -258,7 +258,6 @@ def open_server(
         health_route=options.health_route,
         predict_route=options.predict_route,
         poll_seconds=options.poll_seconds,
-        log=_log,
     )
     services = []
     try:
@@ -298,12 +297,3 @@ def platform(environ) -> dict:
                 raise UsageError(f"{variable}={route[:60]!r} is not a route such as /health")
             asked[key] = route
     return asked
-
-
-def _log(line: str) -> None:
-    """A line of the server's log, on stderr."""
-    import sys
-
-    from cnnmnist.render import safe
-
-    print(safe(line), file=sys.stderr, flush=True)

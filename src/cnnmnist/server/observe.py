@@ -4,7 +4,6 @@ prometheus-client, and an access log on stderr in Uvicorn's format."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 
@@ -52,16 +51,16 @@ class Metrics:
 
 
 class Observe:
-    """ASGI middleware: every HTTP request counted and timed (`metrics`), and logged to
-    stderr when `access_log` is on. The model and version come from the response's
-    x-model-name and x-model-version headers (set by the routes that use a model)."""
+    """ASGI middleware: every HTTP request counted and timed (`metrics`), and written to the
+    server's log (`write`) when `access_log` is on. The model and version come from the
+    response's x-model-name and x-model-version headers (set by the routes that use one)."""
 
     def __init__(
         self,
         app,
         metrics: Metrics,
         access_log: bool,
-        write: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+        write: Callable[[str], None],
     ) -> None:
         self.app, self.metrics, self.access_log, self.write = app, metrics, access_log, write
 
