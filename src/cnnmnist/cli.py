@@ -686,9 +686,14 @@ def predict(inputs, model_dir, top_k, show, as_json) -> None:
         render.out().print(render.prediction_table(results, show=show == ""))
     if picture is not None:
         _draw_inputs(results, picture)
-    failed = [r for r in results if r["error"]]
+    _fail_if_any(results, "predicted")
+
+
+def _fail_if_any(results: list[dict], done: str) -> None:
+    """Exit 1 once every input is reported, when any of them failed."""
+    failed = [r for r in results if r.get("error")]
     if failed:
-        raise CnnmnistError(f"{len(failed)} of {len(results)} inputs could not be predicted")
+        raise CnnmnistError(f"{len(failed)} of {len(results)} inputs could not be {done}")
 
 
 def _draw_inputs(results: list[dict], picture: Path) -> None:
@@ -763,9 +768,7 @@ def explain(inputs, model_dir, plot, as_json) -> None:
             files.output_file(path, PICTURES, "--plot")
             plots.explanation(result, path)
             render.note(f"drew {result['file']} explained into {path}")
-    failed = [r for r in results if r.get("error")]
-    if failed:
-        raise CnnmnistError(f"{len(failed)} of {len(results)} inputs could not be explained")
+    _fail_if_any(results, "explained")
 
 
 def _model_name(ctx, param, value: str) -> str:
