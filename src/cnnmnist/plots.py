@@ -193,27 +193,27 @@ def filters(kernels: list[tuple[str, Any]], path: Path, title: str) -> None:
     negative."""
     import numpy as np
 
-    figure = _figure((10, 1.2 + 2.2 * len(kernels)))
+    panels = []
     for row, (name, weights) in enumerate(kernels):
         weights = np.asarray(weights, np.float64)  # [kh, kw, in, out]
+        size = f"{name}: {weights.shape[3]} kernels {weights.shape[0]}x{weights.shape[1]}"
         if row == 0:
             shown = weights.mean(axis=2) if weights.shape[2] > 1 else weights[:, :, 0, :]
-            what = f"{name}: {weights.shape[3]} kernels {weights.shape[0]}x{weights.shape[1]}"
+            what = f"{size}, each scaled to its largest weight: red positive, blue negative"
+            panels.append((what, _signed_mosaic(shown), "bwr", -1))
         else:
-            shown = np.abs(weights).mean(axis=2)
             what = (
-                f"{name}: {weights.shape[3]} kernels {weights.shape[0]}x{weights.shape[1]}"
-                f"x{weights.shape[2]}, each shown as its mean |weight| over the inputs"
+                f"{size}x{weights.shape[2]}, each shown as its mean |weight| over the inputs "
+                "(brighter: larger)"
             )
-        axes = figure.add_subplot(len(kernels), 1, row + 1)
-        tile = _signed_mosaic(shown) if row == 0 else mosaic(shown)
-        axes.imshow(
-            tile,
-            cmap="bwr" if row == 0 else "magma",
-            vmin=-1 if row == 0 else 0,
-            vmax=1,
-            interpolation="nearest",
-        )
+            panels.append((what, mosaic(np.abs(weights).mean(axis=2)), "magma", 0))
+    width = 10  # inches; each panel as tall as its mosaic needs, plus its title
+    heights = [width * tile.shape[0] / tile.shape[1] + 0.45 for _, tile, _, _ in panels]
+    figure = _figure((width, 0.6 + sum(heights)))
+    grid = figure.add_gridspec(len(panels), 1, height_ratios=heights)
+    for row, (what, tile, cmap, low) in enumerate(panels):
+        axes = figure.add_subplot(grid[row])
+        axes.imshow(tile, cmap=cmap, vmin=low, vmax=1, interpolation="nearest")
         axes.set_xticks([])
         axes.set_yticks([])
         axes.set_title(what, fontsize=9, loc="left")
