@@ -181,9 +181,9 @@ def float32_network(path: Path):
 class Explainer:
     """A checkpoint opened for explaining: its runner (what predict uses) and its layers."""
 
-    def __init__(self, model_dir: Path, warn=lambda message: None) -> None:
+    def __init__(self, model_dir: Path, warn=lambda message: None, runner=None) -> None:
         ckpt = checkpoint.read(model_dir)
-        self.runner = runners.load(ckpt, warn)
+        self.runner = runner or runners.load(ckpt, warn)  # a server passes the one it has
         self.blocks = blocks(network_config(ckpt.path))
         if isinstance(self.runner, runners.TFLite):
             self.maps = TFLiteMaps(self.runner.path, self.blocks)

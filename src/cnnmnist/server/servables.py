@@ -43,11 +43,12 @@ class Servable:
 
     def explain(self, prepared) -> dict[str, Any]:
         """The explanation of a prepared digit, as the page draws it (run it on the model's
-        thread, `run.call`: the explainer is made on first use)."""
+        thread, `run.call`, which its runner is confined to: the explainer is made on first
+        use, around the same runner)."""
         from cnnmnist import explain
 
         if self._explainer is None:
-            self._explainer = explain.Explainer(self.path, self.warn)
+            self._explainer = explain.Explainer(self.path, self.warn, self.runner)
         result = self._explainer(prepared)
         return explain.for_page(result | {"engine": self._explainer.runner.name})
 
